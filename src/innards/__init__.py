@@ -1,0 +1,41 @@
+"""innards: look inside language models.
+
+Two halves: generative meta-models of activations (GLP: harvest, train, sample, project, probe)
+and parameter decomposition (VPD: rank-one components with learned causal importance).
+Heavy modules are imported lazily, so ``import innards`` is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "InnardsError": "innards.errors",
+    "load_model": "innards.models.load",
+    "load_tokenizer": "innards.models.load",
+    "list_sites": "innards.models.sites",
+    "resolve_site": "innards.models.sites",
+    "capture": "innards.models.hooks",
+    "edit": "innards.models.hooks",
+    "ActivationStore": "innards.data.store",
+    "harvest": "innards.data.harvest",
+    "HarvestConfig": "innards.data.harvest",
+    "iter_documents": "innards.data.text",
+    "GLP": "innards.glp.model",
+    "train_glp": "innards.glp.train",
+    "evaluate_glp": "innards.glp.evaluate",
+    "TopKSAE": "innards.glp.sae",
+    "load_sae": "innards.glp.sae",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'innards' has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from innards.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""Files that are never half-written: atomic writes, checksums, JSON and safetensors helpers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from innards.errors import ChecksumError, InnardsError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
+    """Atomically write ``obj`` as JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=indent, default=_json_default) + "\n").encode())
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """Read JSON with a one-line error when missing or malformed."""
+    p = Path(path)
+    if not p.is_file():
+        raise InnardsError(f"{what} not found: {p}")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InnardsError(f"{what} {p} is not valid JSON ({e.__class__.__name__})") from None
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Atomically save tensors as safetensors; returns the file's SHA-256."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return digest
+
+
+def load_tensors(path: str | Path, sha256: str | None = None, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Load a safetensors file, verifying its checksum when one is given; one-line errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise InnardsError(f"{what} not found: {p}")
+    if sha256 is not None and sha256_file(p) != sha256:
+        raise ChecksumError(f"{what} {p} is corrupted (checksum mismatch)")
+    try:
+        return load_file(str(p))
+    except Exception as e:  # safetensors raises its own error types for truncated headers
+        raise InnardsError(f"{what} {p} does not load: {str(e).splitlines()[0][:200]}") from None
