@@ -20,3 +20,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: ``tiny_model_dir("llama"|"gpt2"|"gpt_neox"|"bert", **config_overrides) -> Path``.
+
+    Each tiny random model (+ byte-level BPE tokenizer, vocab 300) is built offline once per session
+    and saved with save_pretrained, so ``innards.load_model(path)`` loads it. The llama one adds BOS.
+    """
+    from tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return lambda arch="llama", **overrides: make_tiny_model(arch, root, **overrides)

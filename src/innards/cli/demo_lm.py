@@ -1,0 +1,16 @@
+"""``innards demo-lm train``: train (and optionally install) the embedded demo language model."""
+
+from __future__ import annotations
+
+from innards.config import command
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``innards demo-lm train``."""
+    from innards.models.demo_lm import DemoLMConfig, train_demo_lm
+
+    return command(
+        DemoLMConfig, train_demo_lm, argv, prog="innards demo-lm train",
+        description="Train the small Llama demo LM on public-domain books (held-out books for validation); "
+        "--install copies the result into the package.",
+    )

@@ -1,0 +1,17 @@
+"""``innards glp eval``: FD against floor and baselines, classifier two-sample AUCs, delta LM losses."""
+
+from __future__ import annotations
+
+from innards.config import command
+from innards.glp.evaluate import EvalConfig, evaluate_glp
+
+
+def main(argv: list[str] | None = None) -> int:
+    def run(cfg: EvalConfig) -> int:
+        evaluate_glp(cfg)
+        return 0
+
+    return command(EvalConfig, run, argv, prog="innards glp eval",
+                   description="Evaluate a GLP on held-out activations: Fréchet distance (with floor, Gaussian, PCA "
+                               "and SAE baselines), classifier two-sample AUCs and delta LM losses.",
+                   aliases={"n": ["-n"]})

@@ -1,0 +1,612 @@
+"""Text sources -> documents -> token chunks, deterministically.
+
+A source spec is one of
+
+* a ``.txt`` / ``.txt.gz`` file (documents split on blank lines by default), a ``.jsonl`` /
+  ``.jsonl.gz`` file (one document per record, field ``text``), an SAE-Probes-style ``.csv`` /
+  ``.csv.zst`` file (one document per row, column ``prompt``), or a folder of such files
+  (recursively, in sorted relative-path order);
+* a Hugging Face dataset: ``hf:NAME[:SPLIT]`` or ``hf:NAME:CONFIG:SPLIT`` (streamed), or a local
+  folder written by ``datasets`` (``save_to_disk``) or holding parquet/arrow files;
+* ``generate:N``: N documents sampled from the model being harvested (seeded); the samples are
+  written to a cache folder so a resumed run reads the very same text.
+
+Every document gets a stable id (``relative/path:k``, ``hf:NAME:SPLIT:row``, ``gen:SEED:i``) and a
+stream index (its position in the source). Invalid UTF-8 is replaced and counted (one warning per
+file on stderr). Documents are tokenised without special tokens and cut into chunks of at most
+``context`` tokens with BOS (or CLS ... SEP for encoders) around each chunk; special tokens are
+never harvested.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from innards.errors import InnardsError
+
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".csv", ".csv.zst")
+SPLITS = ("blank", "line", "formfeed", "file")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: a stable id and either text or (pre-tokenised) token ids."""
+
+    id: str
+    text: str | None = None
+    tokens: tuple[int, ...] | None = None
+
+
+@dataclass
+class Chunk:
+    """At most ``context`` tokens of one document, special tokens included, and which to harvest."""
+
+    doc: int  # stream index of the document
+    start: int  # position in the document (content tokens) of the chunk's first content token
+    ids: np.ndarray  # int64 (T,), with BOS/CLS/SEP
+    keep: np.ndarray  # bool (T,), False at special tokens
+    positions: np.ndarray  # int32 (T,), position in the document (meaningful where keep)
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for s in sorted(TEXT_SUFFIXES, key=len, reverse=True):
+        if name.endswith(s):
+            return s
+    return path.suffix.lower()
+
+
+class _Utf8:
+    """Decode bytes as UTF-8, replacing invalid bytes and counting them."""
+
+    def __init__(self) -> None:
+        self.invalid = 0
+
+    def decode(self, data: bytes) -> str:
+        global _CURRENT
+        prev, _CURRENT = _CURRENT, self
+        try:
+            return data.decode("utf-8", errors="innards-count")
+        finally:
+            _CURRENT = prev
+
+
+_CURRENT: _Utf8 | None = None
+
+
+def _count_errors(err: UnicodeError) -> tuple[str, int]:
+    if not isinstance(err, UnicodeDecodeError):
+        raise err
+    if _CURRENT is not None:
+        _CURRENT.invalid += err.end - err.start
+    return "\ufffd", err.end
+
+
+codecs.register_error("innards-count", _count_errors)
+
+
+def _warn(msg: str) -> None:
+    print(f"innards: warning: {msg}", file=sys.stderr)
+
+
+class TextSource:
+    """A deterministic stream of documents with a fingerprint for compatibility checks."""
+
+    spec: str = ""
+
+    def __iter__(self) -> Iterator[Document]:
+        raise NotImplementedError
+
+    @property
+    def fingerprint(self) -> str:
+        """A string that changes when the documents would change."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What an artifact records about its text."""
+        return {"spec": self.spec, "fingerprint": self.fingerprint}
+
+    def prepare(self, rank: int = 0, world: int = 1) -> None:
+        """Work needed before iterating (only ``generate:`` has any); ranks share it."""
+
+
+# ---------------------------------------------------------------- files
+
+
+def _open_binary(path: Path) -> Any:
+    s = _suffix(path)
+    if s.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if s.endswith(".zst"):
+        import zstandard
+
+        # the zstd reader has no readline; buffering gives line iteration
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _file_fingerprint(path: Path, h: Any) -> None:
+    st = path.stat()
+    h.update(f"{st.st_size}\n".encode())
+    with open(path, "rb") as f:  # head and tail: catches edits without hashing terabytes
+        h.update(f.read(1 << 20))
+        if st.st_size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read(1 << 20))
+
+
+def _zstd_error() -> type[Exception]:
+    import zstandard
+
+    return zstandard.ZstdError
+
+
+class FileSource(TextSource):
+    """Plain text, JSON-lines or CSV files, one file or a folder of them."""
+
+    def __init__(self, spec: str, path: Path, text_field: str = "text", split: str = "blank"):
+        if split not in SPLITS:
+            raise InnardsError(f"unknown document split '{split}' (choose {', '.join(SPLITS)})")
+        self.spec, self.root, self.text_field, self.split = spec, path, text_field, split
+        if path.is_dir():
+            self.files = sorted((p for p in path.rglob("*") if p.is_file() and _suffix(p) in TEXT_SUFFIXES
+                                 and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+                                key=lambda p: p.relative_to(path).as_posix())
+            if not self.files:
+                raise InnardsError(f"no text files ({', '.join(TEXT_SUFFIXES)}) in folder {path}")
+        else:
+            if _suffix(path) not in TEXT_SUFFIXES:
+                raise InnardsError(f"unsupported text file {path} (use {', '.join(TEXT_SUFFIXES)})")
+            self.files = [path]
+        self.invalid_bytes = 0
+
+    def _rel(self, f: Path) -> str:
+        return f.relative_to(self.root).as_posix() if self.root.is_dir() else f.name
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(f"files|{self.text_field}|{self.split}\n".encode())
+        for f in self.files:
+            h.update(f"{self._rel(f)}\n".encode())
+            _file_fingerprint(f, h)
+        return h.hexdigest()
+
+    def __iter__(self) -> Iterator[Document]:
+        self.invalid_bytes = 0
+        for f in self.files:
+            rel = self._rel(f)
+            utf8 = _Utf8()
+            try:
+                s = _suffix(f)
+                if s.startswith(".jsonl"):
+                    docs = self._jsonl(f, rel, utf8)
+                elif s.startswith(".csv"):
+                    docs = self._csv(f, rel, utf8)
+                else:
+                    docs = self._txt(f, rel, utf8)
+                yield from docs
+                if utf8.invalid:  # warned once per complete read, not on an early stop
+                    _warn(f"{f}: replaced {utf8.invalid} invalid UTF-8 byte(s)")
+                    self.invalid_bytes += utf8.invalid
+            except (OSError, EOFError, _zstd_error()) as e:
+                # truncated gzip, bad zstd frame, unreadable file: the source is bad input, not a bug
+                raise InnardsError(f"cannot read text file {f}: {getattr(e, 'strerror', None) or e}") from None
+
+    def _txt(self, f: Path, rel: str, utf8: _Utf8) -> Iterator[Document]:
+        k = 0
+        buf: list[bytes] = []
+
+        def flush() -> Iterator[Document]:
+            nonlocal k
+            text = utf8.decode(b"".join(buf)).strip()
+            buf.clear()
+            if text:
+                yield Document(f"{rel}:{k}", text)
+                k += 1
+
+        with _open_binary(f) as fh:
+            for line in fh:
+                if self.split == "line":
+                    buf.append(line)
+                    yield from flush()
+                elif self.split == "blank" and not line.strip():
+                    yield from flush()
+                elif self.split == "formfeed" and b"\f" in line:
+                    before, _, after = line.partition(b"\f")
+                    buf.append(before)
+                    yield from flush()
+                    buf.append(after)
+                else:
+                    buf.append(line)
+        yield from flush()
+
+    def _jsonl(self, f: Path, rel: str, utf8: _Utf8) -> Iterator[Document]:
+        with _open_binary(f) as fh:
+            k = 0
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(utf8.decode(line))
+                except json.JSONDecodeError:
+                    raise InnardsError(f"{f}:{lineno}: not valid JSON") from None
+                doc = _record_doc(rec, f"{rel}:{k}", self.text_field, f"{f}:{lineno}")
+                k += 1
+                if doc is not None:
+                    yield doc
+
+    def _csv(self, f: Path, rel: str, utf8: _Utf8) -> Iterator[Document]:
+        csv.field_size_limit(1 << 30)
+        with _open_binary(f) as fb:
+            reader = csv.DictReader(utf8.decode(line) for line in fb)
+            cols = reader.fieldnames or []
+            col = self.text_field if self.text_field in cols else "prompt" if "prompt" in cols else None
+            if col is None:
+                raise InnardsError(f"{f}: no '{self.text_field}' or 'prompt' column (columns: {', '.join(cols) or 'none'})")
+            for k, row in enumerate(reader):
+                value = (row.get(col) or "").strip()
+                if value:
+                    yield Document(f"{rel}:{k}", value)
+
+
+def _record_doc(rec: Any, doc_id: str, text_field: str, where: str) -> Document | None:
+    """A document from a JSON/dataset record: the text field, else pre-tokenised ids."""
+    if not isinstance(rec, dict):
+        raise InnardsError(f"{where}: expected an object with a '{text_field}' field")
+    for key in (text_field, "text", "prompt"):
+        if key in rec:
+            value = rec[key]
+            if not isinstance(value, str):
+                raise InnardsError(f"{where}: field '{key}' is not a string")
+            value = value.strip()
+            return Document(doc_id, value) if value else None
+    for key in ("input_ids", "tokens"):
+        if key in rec and isinstance(rec[key], (list, tuple, np.ndarray)):
+            toks = tuple(int(t) for t in rec[key])
+            return Document(doc_id, tokens=toks) if toks else None
+    raise InnardsError(f"{where}: no '{text_field}' field (fields: {', '.join(map(str, rec))})")
+
+
+# ---------------------------------------------------------------- Hugging Face datasets
+
+
+def _is_saved_dataset(p: Path) -> bool:
+    return p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file())
+
+
+def _has_table_files(p: Path) -> bool:
+    return p.is_dir() and any(q.suffix in (".parquet", ".arrow") for q in p.rglob("*") if q.is_file())
+
+
+class HFSource(TextSource):
+    """A Hugging Face dataset, streamed (hub id or local folder)."""
+
+    def __init__(self, spec: str, name: str, split: str | None, config: str | None = None, text_field: str = "text"):
+        self.spec, self.name, self.split, self.config, self.text_field = spec, name, split, config, text_field
+        self._local = Path(name).expanduser()
+
+    def _dataset(self) -> Any:
+        import datasets
+
+        datasets.disable_progress_bars()
+        try:
+            if _is_saved_dataset(self._local):
+                ds = datasets.load_from_disk(str(self._local))
+                if isinstance(ds, datasets.DatasetDict):
+                    split = self.split or ("train" if "train" in ds else next(iter(ds)))
+                    if split not in ds:
+                        raise InnardsError(f"dataset {self.name} has no split '{split}' (splits: {', '.join(ds)})")
+                    ds = ds[split]
+                return ds
+            return datasets.load_dataset(str(self._local) if self._local.exists() else self.name, self.config,
+                                         split=self.split or "train", streaming=True)
+        except InnardsError:
+            raise
+        except Exception as e:
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise InnardsError(f"cannot load dataset '{self.name}': {msg}") from None
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(f"hf|{self.name}|{self.config}|{self.split}|{self.text_field}\n".encode())
+        if self._local.exists():
+            if _is_saved_dataset(self._local):
+                ds = self._dataset()
+                h.update(str(getattr(ds, "_fingerprint", "")).encode())
+            else:
+                for f in sorted(q for q in self._local.rglob("*") if q.is_file()):
+                    h.update(f"{f.relative_to(self._local).as_posix()}\n".encode())
+                    _file_fingerprint(f, h)
+        return h.hexdigest()
+
+    def __iter__(self) -> Iterator[Document]:
+        ds = self._dataset()
+        tag = f"hf:{self.name}:{self.split or 'train'}"
+        try:
+            for k, rec in enumerate(ds):
+                doc = _record_doc(rec, f"{tag}:{k}", self.text_field, f"{tag} row {k}")
+                if doc is not None:
+                    yield doc
+        except InnardsError:
+            raise
+        except Exception as e:
+            raise InnardsError(f"error reading dataset '{self.name}': {str(e).splitlines()[0][:200]}") from None
+
+
+# ---------------------------------------------------------------- generate:N
+
+
+class GenerateSource(TextSource):
+    """N documents sampled from a causal LM, in fixed seeded blocks cached as JSON lines."""
+
+    def __init__(self, spec: str, n: int, model: Any, cache_dir: Path | None = None, seed: int = 0,
+                 max_tokens: int = 256, block: int = 16):
+        self.spec, self.n, self.model, self.cache_dir = spec, n, model, cache_dir
+        self.seed, self.max_tokens, self.block = seed, max_tokens, block
+        self._docs: list[Document] = []
+        if model is None:
+            raise InnardsError(f"text '{spec}' samples from a model; none was given")
+        if not hasattr(model, "generate") or not getattr(model, "can_generate", lambda: False)():
+            raise InnardsError(f"text '{spec}' needs a causal LM that can generate; {type(model).__name__} cannot")
+
+    @property
+    def fingerprint(self) -> str:
+        src = getattr(self.model, "innards_source", {}) or {}
+        key = {k: src.get(k) for k in ("name", "revision", "sha256")}
+        return hashlib.sha256(json.dumps(["generate", self.n, self.seed, self.max_tokens, self.block, key],
+                                         sort_keys=True).encode()).hexdigest()
+
+    def _blocks(self) -> int:
+        return (self.n + self.block - 1) // self.block
+
+    def _path(self, b: int) -> Path | None:
+        return None if self.cache_dir is None else Path(self.cache_dir) / f"block-{b:06d}.jsonl"
+
+    def _generate_block(self, b: int) -> list[str]:
+        import torch
+        from transformers import GenerationConfig
+
+        tok = self.model.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if start is None:
+            raise InnardsError("cannot generate: the tokenizer has neither a BOS nor an EOS token")
+        count = min(self.block, self.n - b * self.block)
+        device = next(self.model.parameters()).device
+        ids = torch.full((count, 1), start, dtype=torch.long, device=device)
+        cfg = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                               max_new_tokens=max(1, self.max_tokens - 1),
+                               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else start,
+                               eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
+            torch.manual_seed(self.seed * 1_000_003 + b)
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+        texts = []
+        for row in out[:, 1:].tolist():
+            if tok.eos_token_id is not None and tok.eos_token_id in row:
+                row = row[: row.index(tok.eos_token_id)]
+            texts.append(tok.decode(row, skip_special_tokens=True))
+        return texts
+
+    def prepare(self, rank: int = 0, world: int = 1) -> None:
+        """Sample the blocks of this rank (block b goes to rank b % world) unless cached."""
+        from tqdm import tqdm
+
+        from innards.io import atomic_write_bytes
+
+        todo = [b for b in range(self._blocks()) if b % world == rank
+                and not (self._path(b) is not None and self._path(b).is_file())]
+        if not todo:
+            return
+        if self.cache_dir is not None:
+            Path(self.cache_dir).mkdir(parents=True, exist_ok=True)
+        bar = tqdm(todo, desc="generating text", unit="block", disable=rank != 0, file=sys.stderr)
+        for b in bar:
+            texts = self._generate_block(b)
+            path = self._path(b)
+            if path is None:
+                self._docs.extend(Document(f"gen:{self.seed}:{b * self.block + i}", t) for i, t in enumerate(texts))
+            else:
+                atomic_write_bytes(path, "".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
+
+    def __iter__(self) -> Iterator[Document]:
+        if self.cache_dir is None:
+            if not self._docs:
+                self.prepare()
+            yield from self._docs
+            return
+        for b in range(self._blocks()):
+            path = self._path(b)
+            if not path.is_file():
+                self.prepare()  # single process: fill in whatever is missing
+                if not path.is_file():
+                    raise InnardsError(f"generated text block missing: {path}")
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+                yield Document(f"gen:{self.seed}:{b * self.block + i}", json.loads(line)["text"])
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def open_text(spec: str, *, text_field: str = "text", split: str = "blank", model: Any = None,
+              seed: int = 0, max_tokens: int = 256, cache_dir: str | Path | None = None) -> TextSource:
+    """Parse a text source spec (see module docstring) into a :class:`TextSource`."""
+    spec = str(spec).strip()
+    if not spec:
+        raise InnardsError("no text source given (--text)")
+    if spec.startswith("generate:"):
+        try:
+            n = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise InnardsError(f"bad text spec '{spec}' (use generate:N)") from None
+        if n <= 0:
+            raise InnardsError(f"bad text spec '{spec}': N must be positive")
+        return GenerateSource(spec, n, model=model, cache_dir=Path(cache_dir) if cache_dir else None, seed=seed,
+                              max_tokens=max_tokens)
+    if spec.startswith("hf:"):
+        parts = spec[3:].split(":")
+        if not parts[0]:
+            raise InnardsError(f"bad text spec '{spec}' (use hf:NAME[:SPLIT] or hf:NAME:CONFIG:SPLIT)")
+        if len(parts) == 1:
+            return HFSource(spec, parts[0], None, text_field=text_field)
+        if len(parts) == 2:
+            return HFSource(spec, parts[0], parts[1], text_field=text_field)
+        if len(parts) == 3:
+            return HFSource(spec, parts[0], parts[2], config=parts[1], text_field=text_field)
+        raise InnardsError(f"bad text spec '{spec}' (use hf:NAME[:SPLIT] or hf:NAME:CONFIG:SPLIT)")
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise InnardsError(f"text source not found: {spec}")
+    if _is_saved_dataset(path) or (path.is_dir() and _has_table_files(path)
+                                   and not any(_suffix(p) in TEXT_SUFFIXES for p in path.rglob("*") if p.is_file())):
+        return HFSource(spec, str(path), None, text_field=text_field)
+    if not os.access(path, os.R_OK):
+        raise InnardsError(f"text source is not readable: {spec}")
+    return FileSource(spec, path.resolve(), text_field=text_field, split=split)
+
+
+def iter_documents(spec: str | TextSource, **kwargs: Any) -> Iterator[Document]:
+    """Documents of a text source in their deterministic order (raises InnardsError if there are none)."""
+    source = spec if isinstance(spec, TextSource) else open_text(spec, **kwargs)
+    empty = True
+    for doc in source:
+        empty = False
+        yield doc
+    if empty:
+        raise InnardsError(f"text source '{source.spec}' has no documents")
+
+
+# ---------------------------------------------------------------- tokens
+
+
+@dataclass(frozen=True)
+class Framing:
+    """Special tokens put around every chunk, and the ids never harvested."""
+
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    special: frozenset[int]
+    pad: int
+
+    @property
+    def content(self) -> int:
+        return len(self.prefix) + len(self.suffix)
+
+
+def framing(tokenizer: Any) -> Framing:
+    """BOS before each chunk when the tokenizer has one, else CLS ... SEP (encoders), else nothing."""
+    bos, cls, sep = tokenizer.bos_token_id, getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+    if bos is not None:
+        prefix, suffix = (bos,), ()
+    elif cls is not None:
+        prefix, suffix = (cls,), ((sep,) if sep is not None else ())
+    else:
+        prefix, suffix = (), ()
+    special = frozenset(int(i) for i in tokenizer.all_special_ids)
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return Framing(prefix, suffix, special, int(pad))
+
+
+def tokenize_documents(docs: Iterable[tuple[int, Document]], tokenizer: Any, batch: int = 64) -> Iterator[tuple[int, np.ndarray]]:
+    """(stream index, document) -> (stream index, int64 content token ids), tokenised in batches."""
+    pending: list[tuple[int, Document]] = []
+
+    def flush() -> Iterator[tuple[int, np.ndarray]]:
+        texts = [d.text for _, d in pending if d.tokens is None]
+        enc = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        it = iter(enc)
+        for i, d in pending:
+            ids = d.tokens if d.tokens is not None else next(it)
+            yield i, np.asarray(ids, dtype=np.int64)
+        pending.clear()
+
+    for item in docs:
+        pending.append(item)
+        if len(pending) >= batch:
+            yield from flush()
+    if pending:
+        yield from flush()
+
+
+def chunk_tokens(index: int, ids: np.ndarray, context: int, frame: Framing) -> Iterator[Chunk]:
+    """Cut one document's content tokens into chunks of at most ``context`` tokens, framed."""
+    room = context - frame.content
+    if room <= 0:
+        raise InnardsError(f"context {context} leaves no room for tokens")
+    special = np.fromiter(frame.special, dtype=np.int64) if frame.special else np.zeros(0, np.int64)
+    pre, suf = np.asarray(frame.prefix, np.int64), np.asarray(frame.suffix, np.int64)
+    for start in range(0, len(ids), room):
+        body = ids[start : start + room]
+        full = np.concatenate([pre, body, suf])
+        keep = np.zeros(len(full), dtype=bool)
+        keep[len(pre) : len(pre) + len(body)] = ~np.isin(body, special)
+        pos = np.zeros(len(full), dtype=np.int32)
+        pos[len(pre) : len(pre) + len(body)] = np.arange(start, start + len(body), dtype=np.int32)
+        if keep.any():
+            yield Chunk(index, start, full, keep, pos)
+
+
+def iter_chunks(docs: Iterable[tuple[int, Document]], tokenizer: Any, context: int) -> Iterator[Chunk]:
+    """Chunks of every (stream index, document), in order."""
+    frame = framing(tokenizer)
+    for index, ids in tokenize_documents(docs, tokenizer):
+        yield from chunk_tokens(index, ids, context, frame)
+
+
+@dataclass
+class Batch:
+    """Right-padded chunks: model inputs and, for harvested tokens, where they came from."""
+
+    input_ids: Any  # torch.long (B, T)
+    attention_mask: Any  # torch.long (B, T)
+    keep: Any  # torch.bool (B, T)
+    doc: np.ndarray  # int64 (n,) per kept token, in row-major order
+    pos: np.ndarray  # int32 (n,)
+    tok: np.ndarray  # int32 (n,)
+
+    @property
+    def rows(self) -> int:
+        return int(self.doc.shape[0])
+
+
+def make_batch(chunks: list[Chunk], pad: int) -> Batch:
+    """Pad chunks to the longest one (not to the context) and index their kept tokens."""
+    import torch
+
+    T = max(len(c.ids) for c in chunks)
+    ids = np.full((len(chunks), T), pad, dtype=np.int64)
+    mask = np.zeros((len(chunks), T), dtype=np.int64)
+    keep = np.zeros((len(chunks), T), dtype=bool)
+    pos = np.zeros((len(chunks), T), dtype=np.int32)
+    doc = np.zeros((len(chunks), T), dtype=np.int64)
+    for i, c in enumerate(chunks):
+        n = len(c.ids)
+        ids[i, :n], mask[i, :n], keep[i, :n], pos[i, :n], doc[i, :n] = c.ids, 1, c.keep, c.positions, c.doc
+    return Batch(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(keep),
+                 doc[keep], pos[keep], ids[keep].astype(np.int32))
+
+
+def iter_batches(chunks: Iterable[Chunk], batch_size: int, pad: int) -> Iterator[Batch]:
+    """Consecutive groups of ``batch_size`` chunks (the last may be smaller)."""
+    group: list[Chunk] = []
+    for c in chunks:
+        group.append(c)
+        if len(group) == batch_size:
+            yield make_batch(group, pad)
+            group = []
+    if group:
+        yield make_batch(group, pad)

@@ -1,0 +1,358 @@
+"""Compute scaling of GLP meta-models: a depth sweep, its compute-efficient envelope, a power-law fit.
+
+Compute is counted as C = 6 * N_params * D (D = activations seen).  The envelope keeps, among all
+checkpoints of all runs, those whose validation loss is below every checkpoint that used less
+compute.  L(C) = E + A * C^-alpha is fitted to the envelope by least squares on log L.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from innards.errors import InnardsError
+
+
+def envelope(compute: Sequence[float], loss: Sequence[float]) -> np.ndarray:
+    """Indices (in increasing compute) of the points whose loss beats every point of smaller compute."""
+    c = np.asarray(compute, dtype=np.float64)
+    L = np.asarray(loss, dtype=np.float64)
+    ok = np.flatnonzero(np.isfinite(c) & np.isfinite(L) & (c > 0))
+    order = ok[np.lexsort((L[ok], c[ok]))]
+    keep = []
+    best = math.inf
+    for i in order:
+        if L[i] < best:
+            keep.append(i)
+            best = L[i]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def power_law(C: Any, E: float, A: float, alpha: float) -> np.ndarray:
+    """L(C) = E + A * C^-alpha."""
+    return E + A * np.power(np.asarray(C, dtype=np.float64), -alpha)
+
+
+def fit_power_law(compute: Sequence[float], loss: Sequence[float]) -> dict[str, Any]:
+    """Fit L(C) = E + A*C^-alpha in log space; returns E, A, alpha, R^2 (log and linear space) and n."""
+    from scipy.optimize import curve_fit
+
+    C = np.asarray(compute, dtype=np.float64)
+    L = np.asarray(loss, dtype=np.float64)
+    if C.size < 3 or not (np.all(C > 0) and np.all(L > 0)):
+        raise InnardsError(f"a power-law fit needs at least 3 points with positive compute and loss, got {C.size}")
+    # C spans many decades: work with x = ln(C / C0) so that A stays O(loss) and the problem is well scaled
+    C0 = float(np.exp(np.mean(np.log(C))))
+    x = np.log(C / C0)
+    y = np.log(L)
+    Lmin = float(L.min())
+
+    def model(x: np.ndarray, E: float, logB: float, alpha: float) -> np.ndarray:
+        return np.log(E + np.exp(logB - alpha * x))
+
+    # seed the optimiser from a grid over E: for each E the rest is a straight line in log-log
+    best = None
+    for frac in (0.0, 0.25, 0.5, 0.7, 0.85, 0.95, 0.99):
+        E0 = frac * Lmin
+        slope, icpt = np.polyfit(x, np.log(L - E0), 1)
+        alpha0 = float(np.clip(-slope, 1e-3, 5.0))
+        sse = float(np.sum((model(x, E0, icpt, alpha0) - y) ** 2))
+        if best is None or sse < best[0]:
+            best = (sse, E0, float(icpt), alpha0)
+    _, E0, logB0, alpha0 = best
+    lo = [0.0, -50.0, 1e-6]
+    hi = [Lmin * (1 - 1e-9), 50.0, 10.0]
+    p0 = [min(max(E0, lo[0]), hi[0] * 0.999), logB0, min(max(alpha0, 1e-4), 9.9)]
+    try:
+        (E, logB, alpha), _ = curve_fit(model, x, y, p0=p0, bounds=(lo, hi), maxfev=20000)
+    except (RuntimeError, ValueError) as e:
+        raise InnardsError(f"power-law fit did not converge: {e}") from None
+    # back to the C scale: A C^-alpha = exp(logB) (C/C0)^-alpha
+    A = float(np.exp(logB) * C0 ** alpha)
+    pred = power_law(C, E, A, alpha)
+    r2_log = 1.0 - float(np.sum((np.log(pred) - y) ** 2) / max(np.sum((y - y.mean()) ** 2), 1e-300))
+    r2_lin = 1.0 - float(np.sum((pred - L) ** 2) / max(np.sum((L - L.mean()) ** 2), 1e-300))
+    return {"E": float(E), "A": A, "alpha": float(alpha), "r2": r2_log, "r2_linear": r2_lin, "n_points": int(C.size),
+            "E_at_bound": bool(E <= 1e-12 or E >= hi[0] * 0.9999)}
+
+
+# ----- the sweep --------------------------------------------------------------------------------------
+
+@dataclass
+class ScaleConfig:
+    """Configuration of ``innards glp scale`` (and of :func:`scale`)."""
+
+    acts: str | None = None
+    out: str = "runs/glp-scale"
+    depths: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
+    tokens: int | None = None
+    batch_size: int = 4096
+    lr: float | None = None
+    d_model: int | None = None
+    d_mlp: int | None = None
+    checkpoints: int = 12
+    val_rows: int = 16384
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    seed: int = 0
+    device: str | None = None
+    model: str | None = None
+    downstream: bool = True
+    eval_n: int = 2000
+    eval_steps: int = 32
+    eval_solver: Literal["euler", "heun"] = "heun"
+    lm_docs: int = 64
+    max_len: int = 128
+    overwrite: bool = False
+    progress: bool = True
+
+    __field_help__ = {
+        "acts": "activation store folder (innards harvest)",
+        "out": "output folder: one run per depth (d1/, d2/, ...), scale.json, scaling.png, downstream.png",
+        "depths": "GLP depths of the sweep (comma-separated)",
+        "tokens": "activations per run (default: one pass over the store)",
+        "lr": "learning rate of every run (default: innards glp train's)",
+        "checkpoints": "log-spaced checkpoints per run (the points of the scaling plot)",
+        "val_rows": "held-out activations for the validation loss (the same rows and noise for every run)",
+        "model": "language model for delta_lm_glp of the envelope checkpoints",
+        "downstream": "measure c2st_auc_glp (and delta_lm_glp with --model) on the envelope checkpoints",
+        "eval_n": "held-out activations and samples per downstream C2ST",
+        "eval_steps": "sampler steps for the downstream C2ST samples",
+        "lm_docs": "held-out documents for the downstream delta LM loss",
+        "overwrite": "retrain runs whose settings differ from a previous sweep in --out",
+    }
+
+
+def _train_cfg(cfg: ScaleConfig, depth: int, run: Path) -> Any:
+    from innards.glp.train import GLPTrainConfig
+
+    extra = {"lr": cfg.lr} if cfg.lr is not None else {}
+    return GLPTrainConfig(acts=cfg.acts, out=str(run), depth=depth, d_model=cfg.d_model, d_mlp=cfg.d_mlp,
+                          tokens=cfg.tokens, batch_size=cfg.batch_size, checkpoints=cfg.checkpoints,
+                          val_rows=cfg.val_rows, precision=cfg.precision, seed=cfg.seed, device=cfg.device,
+                          progress=cfg.progress, **extra)
+
+
+_FREE = {"resume", "overwrite", "progress", "device", "out"}
+
+
+def _run_depth(cfg: ScaleConfig, depth: int, run: Path) -> None:
+    """Train one run of the sweep, reusing a finished run with the same settings or resuming a cut one."""
+    import yaml
+
+    from innards.config import to_dict
+    from innards.glp.train import train_glp
+
+    tcfg = _train_cfg(cfg, depth, run)
+    want = {k: v for k, v in to_dict(tcfg).items() if k not in _FREE}
+    saved_path = run / "config.yaml"
+    saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else None
+    same = saved is not None and {k: v for k, v in saved.items() if k not in _FREE} == want
+    if (run / "config.json").is_file() and same:
+        return  # finished with these settings: reuse
+    if saved is not None and not same and not cfg.overwrite:
+        raise InnardsError(f"{run} holds a run with other settings; use --overwrite to retrain it, or another --out")
+    if same and (run / "resume" / "state.json").is_file():
+        tcfg.resume = True
+    else:
+        tcfg.overwrite = True
+    train_glp(tcfg)
+
+
+def _checkpoints(run: Path) -> list[dict[str, Any]]:
+    from innards.io import read_json
+
+    pts = []
+    for ck in sorted((run / "checkpoints").glob("step_*")):
+        if not (ck / "config.json").is_file():
+            continue
+        info = read_json(ck / "config.json", what="GLP checkpoint config")
+        tr = info.get("training") or {}
+        n_params = int(tr.get("n_params") or info.get("n_params"))
+        d = int(tr.get("activations") or 0)
+        loss = tr.get("val_loss")
+        pts.append({"dir": str(ck), "step": int(tr.get("step") or int(ck.name.split("_")[-1])), "activations": d,
+                    "n_params": n_params, "compute": 6.0 * n_params * d, "val_loss": loss,
+                    "train_loss": tr.get("train_loss")})
+    return pts
+
+
+def scale(cfg: ScaleConfig) -> dict[str, Any]:
+    """Train the depth sweep, fit L(C) = E + A C^-alpha to the envelope, draw the plots; writes scale.json."""
+    from innards.config import save_config
+    from innards.io import write_json
+
+    if not cfg.acts:
+        raise InnardsError("give --acts DIR (an activation store)")
+    if not Path(cfg.acts).exists():
+        raise InnardsError(f"activation store not found: {cfg.acts}")
+    depths = sorted({int(d) for d in cfg.depths})
+    if not depths or min(depths) < 1:
+        raise InnardsError("--depths must list positive depths, e.g. 1,2,3,6")
+    if cfg.checkpoints < 2:
+        raise InnardsError("--checkpoints must be at least 2")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    runs = []
+    for depth in depths:
+        run = out / f"d{depth}"
+        _run_depth(cfg, depth, run)
+        pts = _checkpoints(run)
+        if not pts:
+            raise InnardsError(f"run {run} wrote no checkpoints")
+        runs.append({"depth": depth, "dir": str(run), "n_params": pts[-1]["n_params"], "checkpoints": pts})
+    notes = []
+    flat = [(r["depth"], p) for r in runs for p in r["checkpoints"]]
+    if any(p["val_loss"] is None for _, p in flat):
+        notes.append("some checkpoints have no validation loss (no validation split?): their train loss is used")
+    loss = [p["val_loss"] if p["val_loss"] is not None else p["train_loss"] for _, p in flat]
+    comp = [p["compute"] for _, p in flat]
+    env = envelope(comp, [float("nan") if v is None else v for v in loss])
+    for i, (_, p) in enumerate(flat):
+        p["loss"] = loss[i]
+        p["on_envelope"] = bool(i in set(env.tolist()))
+    env_pts = [{"depth": flat[i][0], **{k: flat[i][1][k] for k in ("step", "activations", "n_params", "compute", "loss", "dir")}}
+               for i in env]
+    try:
+        fit = fit_power_law([p["compute"] for p in env_pts], [p["loss"] for p in env_pts])
+    except InnardsError as e:
+        fit = None
+        notes.append(f"no fit: {e}")
+    res: dict[str, Any] = {"acts": str(Path(cfg.acts).resolve()), "depths": depths, "runs": runs,
+                           "envelope": env_pts, "fit": fit, "law": "L(C) = E + A * C^-alpha, C = 6 * N_params * D",
+                           "notes": notes}
+    res["plots"] = {"scaling": str(plot_scaling(res, out / "scaling.png"))}
+    if cfg.downstream and env_pts:
+        res["downstream"] = _downstream(cfg, env_pts, notes)
+        res["plots"]["downstream"] = str(plot_downstream(res["downstream"], out / "downstream.png"))
+    write_json(out / "scale.json", res)
+    if fit:
+        print(f"L(C) = {fit['E']:.4g} + {fit['A']:.4g} * C^-{fit['alpha']:.4g}   (R^2 = {fit['r2']:.4f}, "
+              f"{fit['n_points']} envelope points)")
+    for n in notes:
+        print(f"note: {n}")
+    print(f"wrote {out / 'scale.json'}")
+    return res
+
+
+def _downstream(cfg: ScaleConfig, env_pts: list[dict[str, Any]], notes: list[str]) -> list[dict[str, Any]]:
+    """c2st_auc_glp (and delta_lm_glp with a model) of every envelope checkpoint."""
+    from innards.data.store import ActivationStore
+    from innards.glp.c2st import c2st_auc
+    from innards.glp.model import GLP
+    from innards.runtime import default_device
+
+    store = ActivationStore(cfg.acts)
+    device = default_device(cfg.device)
+    try:
+        rows = store.split_rows("val")
+    except InnardsError:
+        notes.append("no validation split: downstream metrics skipped")
+        return []
+    idx = np.sort(np.random.default_rng(cfg.seed).choice(rows, size=min(cfg.eval_n, rows.size), replace=False))
+    model = seqs = None
+    first = GLP.from_pretrained(env_pts[0]["dir"])
+    site = first.meta["site"]
+    x_val = store.rows(idx, site=site).float()
+    if cfg.model:
+        from innards.glp.delta_lm import sequences_from_rows
+        from innards.models.load import load_model
+
+        model = load_model(cfg.model, device=str(device) if cfg.device else None)
+        first.check_compatible(model, site, store.width(site))
+        tok = model.tokenizer
+        seqs = sequences_from_rows(store.doc_ids[rows], store.positions[rows], store.token_ids[rows],
+                                   bos_id=tok.bos_token_id, max_len=cfg.max_len, max_docs=cfg.lm_docs, seed=cfg.seed)
+    else:
+        notes.append("delta_lm_glp of the envelope checkpoints needs --model")
+    out = []
+    for p in env_pts:
+        glp = GLP.from_pretrained(p["dir"], device=device)
+        s = glp.sample(x_val.shape[0], steps=cfg.eval_steps, solver=cfg.eval_solver, seed=cfg.seed, site=site).cpu()
+        rec = {"depth": p["depth"], "step": p["step"], "loss": p["loss"], "compute": p["compute"],
+               "c2st_auc_glp": c2st_auc(x_val, s, seed=cfg.seed), "delta_lm_glp": None}
+        if model is not None and seqs:
+            from innards.glp.delta_lm import delta_lm_loss
+
+            tok = model.tokenizer
+            pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+            fn = lambda x, g=glp: g.project(x.float(), t_start=0.5, steps=20, seed=cfg.seed, site=site)  # noqa: E731
+            d = delta_lm_loss(model, site, seqs, {"glp": fn}, bos_id=tok.bos_token_id, pad_id=pad, max_len=cfg.max_len,
+                              progress=False)
+            rec.update(delta_lm_glp=d["delta_lm_glp"], delta_lm_glp_se=d["delta_lm_glp_se"], lm_loss_clean=d["lm_loss_clean"])
+        out.append(rec)
+    return out
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_fig(fig: Any, path: Path) -> Path:
+    import io
+
+    from innards.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    _plt().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def plot_scaling(res: dict[str, Any], path: Path) -> Path:
+    """Log-log validation loss vs compute for every checkpoint, the envelope and the fitted law."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    cmap = plt.get_cmap("viridis")
+    runs = res["runs"]
+    for i, r in enumerate(runs):
+        pts = [p for p in r["checkpoints"] if p.get("loss") is not None and p["compute"] > 0]
+        ax.plot([p["compute"] for p in pts], [p["loss"] for p in pts], "o-", ms=3, lw=1,
+                color=cmap(i / max(1, len(runs) - 1)), label=f"d{r['depth']} ({r['n_params'] / 1e6:.3g}M params)")
+    env = res["envelope"]
+    if env:
+        ax.plot([p["compute"] for p in env], [p["loss"] for p in env], "o", mfc="none", mec="k", ms=7, label="envelope")
+    fit = res.get("fit")
+    if fit and env:
+        c = np.geomspace(min(p["compute"] for p in env), max(p["compute"] for p in env) * 3, 200)
+        ax.plot(c, power_law(c, fit["E"], fit["A"], fit["alpha"]), "k--", lw=1.2,
+                label=f"{fit['E']:.3g} + {fit['A']:.3g} C^-{fit['alpha']:.3g} (R²={fit['r2']:.3f})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("compute C = 6 N D (FLOPs)")
+    ax.set_ylabel("validation loss")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.25)
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def plot_downstream(points: list[dict[str, Any]], path: Path) -> Path:
+    """c2st_auc_glp and delta_lm_glp against validation loss for the envelope checkpoints."""
+    plt = _plt()
+    keys = [("c2st_auc_glp", "C2ST AUC (0.5 = indistinguishable)"), ("delta_lm_glp", "delta LM loss (GLP projection)")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, (k, label) in zip(axes, keys):
+        pts = [p for p in points if p.get(k) is not None and p.get("loss") is not None]
+        if pts:
+            sc = ax.scatter([p["loss"] for p in pts], [p[k] for p in pts], c=[p["depth"] for p in pts], cmap="viridis")
+            fig.colorbar(sc, ax=ax, label="depth")
+        else:
+            ax.text(0.5, 0.5, "not measured (needs --model)" if k == "delta_lm_glp" else "not measured",
+                    ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("validation loss")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.25)
+    fig.suptitle("envelope checkpoints")
+    fig.tight_layout()
+    return _save_fig(fig, path)

