@@ -68,3 +68,69 @@ def test_mean_replacement_hurts_and_padding_dilutes(tiny_llama):
     r2 = delta_lm_loss(model, "blocks.1.resid_post", eq, zero, bos_id=bos, pad_id=0, max_len=10, progress=False)
     assert r2["delta_lm_zero_padded"] == pytest.approx(r2["delta_lm_zero"], rel=1e-9)
     assert r2["lm_loss_clean_padded"] == pytest.approx(r2["lm_loss_clean"], rel=1e-9)
+
+
+# ----- end to end on a tiny store, GLP and model ------------------------------------------------------
+
+def make_tiny_store(root, model_dir, tokens=6000):
+    """A small fp32 store of a tiny model's blocks.1.resid_post (20% validation documents); also used by other tests."""
+    import random
+
+    from innards.data.harvest import HarvestConfig, harvest
+    from tiny_models import SENTENCES
+
+    rng = random.Random(0)
+    text = root / "text.txt"
+    text.write_text("\n\n".join(" ".join(rng.choice(SENTENCES) for _ in range(rng.randint(1, 4))) for _ in range(250)))
+    return harvest(HarvestConfig(model=str(model_dir), site=["blocks.1.resid_post"], text=str(text), tokens=tokens,
+                                 out=str(root / "store"), dtype="fp32", shard_tokens=2048, val_fraction=0.2))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    from innards.glp.train import GLPTrainConfig, train_glp
+
+    root = tmp_path_factory.mktemp("glp_eval")
+    model_dir = tiny_model_dir("llama")
+    store = make_tiny_store(root, model_dir)
+    glp = train_glp(GLPTrainConfig(acts=str(store), out=str(root / "glp"), depth=1, tokens=30000, batch_size=256,
+                                   lr=1e-3, checkpoints=2, progress=False, precision="fp32"))
+    return {"root": root, "model": model_dir, "store": store, "glp": glp}
+
+
+def test_evaluate_end_to_end(tiny_run, capsys):
+    import json
+
+    from innards.glp.evaluate import EvalConfig, evaluate_glp
+
+    out = tiny_run["root"] / "ev" / "eval.json"
+    res = evaluate_glp(EvalConfig(glp=str(tiny_run["glp"]), acts=str(tiny_run["store"]), model=str(tiny_run["model"]),
+                                  n=400, steps=8, pca_k=4, lm_docs=12, sae_k=4, sae_tokens=20000, out=str(out),
+                                  progress=False))
+    on_disk = json.loads(out.read_text())
+    for key in ("fd", "fd_floor", "fd_gaussian", "fd_pca", "fd_sae", "c2st_auc_glp", "c2st_auc_gaussian",
+                "delta_lm_glp", "delta_lm_sae", "delta_lm_pca", "delta_lm_mean", "lm_loss_clean", "delta_lm_glp_padded"):
+        assert on_disk[key] is not None and np.isfinite(on_disk[key]), key
+    assert res["n"] == 400 and res["fd_floor"] >= 0
+    assert out.with_name("eval_pca.png").stat().st_size > 1000
+    assert (out.parent / "eval.config.yaml").is_file()
+    assert (out.parent / "eval_sae" / "cfg.json").is_file()
+    assert "Fréchet distance" in capsys.readouterr().out
+
+
+def test_cli_bad_inputs_are_one_line(tiny_run, tmp_path, tiny_model_dir, capsys):
+    from innards.cli import main
+
+    out = str(tmp_path / "e.json")
+    base = ["glp", "eval", "--out", out, "-n", "64", "--steps", "2", "--no-train-sae", "--no-c2st", "--no-plot"]
+    assert main(base + ["--glp", str(tmp_path / "missing"), "--acts", str(tiny_run["store"])]) == 2
+    assert main(base + ["--glp", str(tiny_run["glp"]), "--acts", str(tmp_path)]) == 2
+    # a store harvested from another model (same width and site, other weights) is refused
+    other = tiny_model_dir("llama", num_hidden_layers=4)
+    (tmp_path / "o").mkdir()
+    other_store = make_tiny_store(tmp_path / "o", other, tokens=2048)
+    assert main(base + ["--glp", str(tiny_run["glp"]), "--acts", str(other_store)]) == 2
+    assert main(base + ["--glp", str(tiny_run["glp"]), "--acts", str(tiny_run["store"]), "--model", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([e for e in err if e.startswith("innards: error:")]) == 4, err
+    assert not (tmp_path / "e.json").exists()

@@ -61,13 +61,14 @@ def test_glp_neurons_end_to_end(env):
         maxes = [e["max"] for e in n["examples"]]
         assert len(maxes) == 5 and maxes == sorted(maxes, reverse=True) and len({e["context"] for e in n["examples"]}) == 5
         for e in n["examples"]:
-            kept = [a for a, s in zip(e["acts"], e["special"]) if not s]
+            ctx = rep["contexts"][str(e["context"])]
+            kept = [a for a, s in zip(e["acts"], ctx["special"]) if not s]
             assert max(kept) == pytest.approx(e["max"], rel=1e-2, abs=1e-2)
-            assert e["special"][0] and e["tokens"][0] == "<s>"  # BOS is never scored
-            assert e["doc_id"].startswith("docs.txt:")
+            assert ctx["special"][0] and ctx["tokens"][0] == "<s>"  # BOS is never scored
+            assert ctx["doc_id"].startswith("docs.txt:") and len(ctx["tokens"]) == len(e["acts"])
     md = (out / "neurons.md").read_text()
     html = (out / "neurons.html").read_text()
-    assert "## 1:10" in md and "[[**" in md and "neuron 1:10" in html and "<span" in html
+    assert "## 1:10" in md and "[[**" in md and "neuron 1:10" in html and "class='m" in html
     assert (out / "config.yaml").is_file()
 
 

@@ -164,6 +164,7 @@ def test_ddp_two_processes_match_one(store, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     one = train_glp(GLPTrainConfig(acts=str(store), out=str(tmp_path / "one"), depth=2, steps=6, batch_size=128, lr=1e-3,
                                    precision="fp32", val_rows=256, checkpoints=2, progress=False))
+    assert GLP.from_pretrained(tmp_path / "ddp").meta["training"]["world_size"] == 2
     w1, w2 = _weights(one), _weights(tmp_path / "ddp")
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
     assert not all(torch.equal(w1[k], _weights(one / "checkpoints" / "step_0000001")[k]) for k in w1)

@@ -126,3 +126,27 @@ def test_parse_latents():
     assert parse_latents(1000, 64) == 1000
     with pytest.raises(InnardsError):
         parse_latents("lots", 64)
+
+
+def test_train_sae_cli_on_a_store(tiny_model_dir, tmp_path):
+    from test_glp_eval import make_tiny_store
+
+    from innards.cli import main
+
+    store = make_tiny_store(tmp_path, tiny_model_dir("llama"))
+    out = tmp_path / "sae"
+    args = ["sae", "train", "--acts", str(store), "--k", "8", "--latents", "8*d", "--out", str(out), "--tokens", "60000",
+            "--batch-size", "256", "--dead-tokens", "20000", "--no-progress"]
+    assert main(args) == 0
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["d_sae"] == 8 * 32 and cfg["k"] == 8
+    assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"  # TransformerLens name, for SAELens users
+    assert cfg["metadata"]["innards_site"] == "blocks.1.resid_post"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_fvu"] < 0.2 and summary["val_l0"] <= 8
+    sae = load_sae(out)
+    assert sae.site == "blocks.1.resid_post"
+    before = (out / "sae_weights.safetensors").read_bytes()
+    assert main(args) == 2  # refuses to replace without --overwrite, and leaves it intact
+    assert (out / "sae_weights.safetensors").read_bytes() == before
+    assert (out / "metrics.jsonl").is_file() and (out / "config.yaml").is_file()

@@ -40,3 +40,44 @@ def test_envelope_skips_non_finite_and_fit_needs_three_points():
     assert list(idx) == [0, 3]
     with pytest.raises(InnardsError):
         fit_power_law([1.0, 2.0], [1.0, 0.5])
+
+
+# ----- the sweep, end to end on a tiny store -----------------------------------------------------------
+
+def test_sweep_fits_plots_and_reuses_runs(tiny_model_dir, tmp_path):
+    import json
+
+    from innards.cli import main
+    from innards.glp.scale import ScaleConfig, scale
+
+    model_dir = tiny_model_dir("llama")
+    from test_glp_eval import make_tiny_store
+
+    store = make_tiny_store(tmp_path, model_dir)
+    cfg = ScaleConfig(acts=str(store), out=str(tmp_path / "scale"), depths=[1, 2], tokens=20000, batch_size=256, lr=1e-3,
+                      checkpoints=4, val_rows=1000, precision="fp32", model=str(model_dir), eval_n=150, eval_steps=4,
+                      lm_docs=6, progress=False)
+    res = scale(cfg)
+    on_disk = json.loads((tmp_path / "scale" / "scale.json").read_text())
+    assert [r["depth"] for r in on_disk["runs"]] == [1, 2]
+    assert on_disk["runs"][1]["n_params"] > on_disk["runs"][0]["n_params"]
+    env = on_disk["envelope"]
+    assert len(env) >= 3
+    assert all(a["compute"] < b["compute"] and a["loss"] > b["loss"] for a, b in zip(env, env[1:]))
+    for p in on_disk["runs"][0]["checkpoints"]:
+        assert p["compute"] == pytest.approx(6 * p["n_params"] * p["activations"])
+    fit = on_disk["fit"]
+    assert fit is not None and {"E", "A", "alpha", "r2"} <= set(fit)
+    down = on_disk["downstream"]
+    assert len(down) == len(env) and all(0 <= d["c2st_auc_glp"] <= 1 and d["delta_lm_glp"] is not None for d in down)
+    for png in ("scaling.png", "downstream.png"):
+        assert (tmp_path / "scale" / png).stat().st_size > 1000
+    # a second call reuses the finished runs; changed settings are refused without --overwrite
+    stamp = (tmp_path / "scale" / "d1" / "model.safetensors").stat().st_mtime_ns
+    cfg.downstream = False
+    scale(cfg)
+    assert (tmp_path / "scale" / "d1" / "model.safetensors").stat().st_mtime_ns == stamp
+    rc = main(["glp", "scale", "--acts", str(store), "--out", str(tmp_path / "scale"), "--depths", "1", "--tokens", "9999",
+               "--no-progress"])
+    assert rc == 2
+    assert res["fit"] == on_disk["fit"]

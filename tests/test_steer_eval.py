@@ -115,7 +115,7 @@ def test_concept_without_data_is_an_error(concept_files, tmp_path):
 def test_builtin_sentiment_evaluator(shared_data, tmp_path):
     from innards.steer.evaluator import load_or_train_evaluator
 
-    ev = load_or_train_evaluator("sentiment", data_dir=shared_data, cache_dir=tmp_path, max_per_class=150)
+    ev = load_or_train_evaluator("sentiment", data_dir=shared_data, cache_dir=tmp_path, max_per_class=100)
     assert ev.accuracy > 0.6
     assert ev.provenance["n_pos"] == 5331
     p = ev.score(["a moving, beautifully acted and wonderful film", "a dull, lifeless and tedious mess"])

@@ -133,3 +133,36 @@ def test_cli_generate_and_bad_inputs(env, capsys):
                 "--out", str(tmp / "x.jsonl")]) == 2
     assert "site" in capsys.readouterr().err
     assert not (tmp / "x.jsonl").exists()
+
+
+def test_norm_from_activation_store(env, capsys):
+    from innards.data.harvest import HarvestConfig, harvest
+    from innards.data.store import ActivationStore
+    from innards.steer.generate import resolve_norm
+
+    d, tmp = env["dir"], env["tmp"]
+    (tmp / "docs.txt").write_text("\n\n".join(POS + NEG) + "\n")
+    harvest(HarvestConfig(model=str(d), site=[SITE], text=str(tmp / "docs.txt"), tokens=120, out=str(tmp / "store"),
+                          context=32, dtype="fp32"))
+    st = ActivationStore(tmp / "store").stats(SITE)
+    assert resolve_norm(SITE, acts=str(tmp / "store"), model=env["model"])[0] == pytest.approx(st["mean_norm"])
+    assert resolve_norm(SITE, acts=str(tmp / "store"), stat="rms_norm")[0] == pytest.approx(st["rms_norm"])
+    out = tmp / "acts.jsonl"
+    assert cli(["steer", "generate", "--model", str(d), "--site", SITE, "--vector", str(tmp / "v.safetensors"),
+                "--prompts", str(tmp / "prompts.txt"), "--max-new-tokens", "3", "--strength", "2",
+                "--acts", str(tmp / "store"), "--out", str(out)]) == 0
+    assert json.loads(out.read_text().splitlines()[0])["alpha"] == pytest.approx(2 * st["mean_norm"])
+    with pytest.raises(Exception, match="not in store"):
+        resolve_norm("blocks.0.resid_post", acts=str(tmp / "store"))
+
+
+def test_encoder_cannot_generate(tiny_model_dir):
+    from innards.errors import InnardsError
+    from innards.models.load import load_model
+
+    bert = load_model(str(tiny_model_dir("bert")))
+    with pytest.raises(InnardsError, match="cannot generate"):
+        generate_steered(bert, PROMPTS, None, max_new_tokens=2, progress=False)
+    # vectors work on encoders too (no generation needed)
+    sv = diff_means(bert, SITE, POS, NEG, token="mean")
+    assert abs(sv.vector.norm().item() - 1) < 1e-6

@@ -22,10 +22,9 @@ def test_parse_strengths():
 
 
 def test_packaged_story_openings():
-    from innards.steer.sweep import _prompts_path
     from innards.steer.texts import read_prompts
 
-    prompts = read_prompts(_prompts_path("stories"))
+    prompts = read_prompts("stories")
     assert 45 <= len(prompts) <= 60 and all(len(p.split()) >= 4 for p in prompts)
 
 

@@ -174,6 +174,15 @@ def test_generate_is_seeded_and_cached(tiny_llama, tmp_path):
         open_text("generate:3")
 
 
+def test_random_tokens_source(tiny_llama):
+    docs = list(open_text("random:3", model=tiny_llama, seed=2, max_tokens=10))
+    assert [d.id for d in docs] == ["random:2:0", "random:2:1", "random:2:2"]
+    assert all(len(d.tokens) == 9 and not set(d.tokens) & set(tiny_llama.tokenizer.all_special_ids) for d in docs)
+    assert [d.tokens for d in open_text("random:3", model=tiny_llama, seed=2, max_tokens=10)] == [d.tokens for d in docs]
+    with pytest.raises(InnardsError):
+        open_text("random:3")
+
+
 def test_generate_needs_causal_lm(tmp_path):
     from innards.models.load import load_model
 

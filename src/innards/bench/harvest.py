@@ -47,7 +47,7 @@ class BenchHarvestConfig:
     __field_help__ = {
         "model": "model name, alias (demo), local directory or hub id",
         "site": "site(s) to harvest (default: resid_post of the middle block)",
-        "text": "text source (default: generate:N documents sampled from the model itself)",
+        "text": "text source (default: random:N, context-long random token sequences)",
         "tokens": "tokens harvested in the timed part",
         "context": "tokens per sequence (default: the model's, at most 1024)",
         "batch_size": "sequences per forward pass",
@@ -70,9 +70,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _batches(p: Any, cfg: BenchHarvestConfig) -> tuple[list, int]:
+    """The timed batches (warm-up ones first) and the rows of the timed ones."""
+    from innards.data.harvest import batches
+
+    work, rows = [], 0
+    for b in batches(p):  # tokenising is shared by both and excluded from both timings
+        work.append(b)
+        if len(work) > cfg.warmup:
+            rows += b.rows
+        if rows >= cfg.tokens:
+            break
+    return work, rows
+
+
 def bench_harvest(cfg: BenchHarvestConfig) -> dict[str, Any]:
     """Time harvest steps and bare forward passes over the same batches; returns the result dict."""
-    from innards.data.harvest import HarvestConfig, ShardWriter, batches, capture_rows, prepare
+    from innards.data.harvest import HarvestConfig, ShardWriter, capture_rows, prepare
     from innards.models.load import load_model
     from innards.models.sites import n_layers
 
@@ -84,22 +98,17 @@ def bench_harvest(cfg: BenchHarvestConfig) -> dict[str, Any]:
     out = Path(tempfile.mkdtemp(prefix="innards-bench-")) if tmp else Path(cfg.out)
     try:
         ctx = cfg.context or min(getattr(model.config, "max_position_embeddings", 1024) or 1024, 1024)
-        text = cfg.text or f"generate:{math.ceil(1.3 * (cfg.tokens + cfg.warmup * cfg.batch_size * ctx) / max(1, ctx - 1))}"
-        hcfg = HarvestConfig(model=cfg.model, site=sites, text=text, tokens=cfg.tokens, out=str(out), context=cfg.context,
-                             batch_size=cfg.batch_size, dtype=cfg.dtype, seed=cfg.seed, model_dtype=cfg.model_dtype,
-                             device=cfg.device)
+        # random token ids by default: the cost of a dense forward pass does not depend on the text,
+        # and full-length sequences need no sampling first (--text takes any real source)
+        text = cfg.text or f"random:{math.ceil((cfg.tokens + (cfg.warmup + 1) * cfg.batch_size * ctx) / max(1, ctx - 1))}"
+        hcfg = HarvestConfig(model=cfg.model, site=sites, text=text, tokens=cfg.tokens, out=str(out),
+                             context=cfg.context, batch_size=cfg.batch_size, dtype=cfg.dtype, seed=cfg.seed,
+                             model_dtype=cfg.model_dtype, device=cfg.device)
         p = prepare(hcfg, model=model)
         (out / "shards").mkdir(parents=True, exist_ok=True)
-        p.source.prepare()  # sampling the text is not part of either timing
+        p.source.prepare()  # sampling a generate:N text is not part of either timing
+        work, rows = _batches(p, cfg)
         device = next(model.parameters()).device
-        work = []
-        rows = 0
-        for b in batches(p):  # tokenising is shared by both and excluded from both timings
-            work.append(b)
-            if len(work) > cfg.warmup:
-                rows += b.rows
-            if rows >= cfg.tokens:
-                break
         if len(work) <= cfg.warmup:
             raise InnardsError(f"the text gives only {len(work)} batch(es); need more than --warmup {cfg.warmup}")
         writer = ShardWriter(out, 0, {s.name: s.width for s in p.sites}, cfg.dtype, hcfg.shard_tokens)
@@ -132,7 +141,7 @@ def bench_harvest(cfg: BenchHarvestConfig) -> dict[str, Any]:
             t_h += time.perf_counter() - t
         written = sum(f.stat().st_size for f in (out / "shards").glob("*.npy"))
         result = {
-            "model": cfg.model, "sites": [s.name for s in p.sites], "n_layers": n_layers(model),
+            "model": cfg.model, "sites": [s.name for s in p.sites], "n_layers": n_layers(model), "text": text,
             "tokens": counted, "batches": len(work) - cfg.warmup, "batch_size": cfg.batch_size, "context": p.context,
             "dtype": cfg.dtype, "device": device.type, "threads": torch.get_num_threads(),
             "harvest_s": round(t_h, 4), "forward_s": round(t_f, 4),

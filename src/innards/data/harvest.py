@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -237,11 +238,16 @@ def prepare(cfg: HarvestConfig, dist: Dist | None = None, model: Any = None) -> 
 
 
 def _plan_diff(old: dict, new: dict) -> list[str]:
+    """What differs between two plans, ignoring spellings of the same thing (model name vs path, text path)."""
     diffs = []
     for key in ("model", "sites", "text", "settings"):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            skip = {"spec"} if key == "text" else set()
+            if key == "model" and any(a.get(k) and a.get(k) == b.get(k) for k in ("sha256", "revision")):
+                skip = {"name"}  # the same weights reached by another name or path
+            diffs += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                      if k not in skip and a.get(k) != b.get(k)]
         elif a != b:
             diffs.append(f"{key}: {a!r} -> {b!r}")
     return diffs
@@ -256,39 +262,78 @@ def _clear_store(out: Path) -> None:
     (out / "metrics.jsonl").unlink(missing_ok=True)
 
 
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
 def open_output(p: Prepared) -> str:
-    """Create or check the output folder (rank 0); returns "new", "resume" or "complete"."""
+    """Check, then create or reuse, the output folder (rank 0); returns "new", "resume" or "complete".
+
+    Every refusal (other settings, not a store, not writable, not enough disk) happens before
+    anything is written or deleted.
+    """
     out, cfg = p.out, p.cfg
     if out.exists() and not out.is_dir():
         raise InnardsError(f"output path exists and is not a folder: {out}")
     existing = (out / PLAN).is_file() or (out / "manifest.json").is_file()
     if out.is_dir() and not existing and any(out.iterdir()):
         raise InnardsError(f"output folder {out} is not empty and holds no activation store; choose another --out")
+    state = "new"
     if existing:
         old = read_json(out / PLAN, "harvest plan") if (out / PLAN).is_file() else read_json(out / "manifest.json", "store manifest").get("plan", {})
         diffs = _plan_diff(old, p.plan)
         if cfg.overwrite:
-            if out.is_dir() and not os.access(out, os.W_OK):
-                raise InnardsError(f"output folder is not writable: {out}")
-            _clear_store(out)
+            state = "overwrite"
         elif diffs:
             raise InnardsError(f"store {out} was made with other settings ({'; '.join(diffs[:3])}); "
                                "use --overwrite to replace it")
         elif (out / "manifest.json").is_file():
             return "complete"
         else:
-            if not os.access(out, os.W_OK):
-                raise InnardsError(f"output folder is not writable: {out}")
-            return "resume"
+            state = "resume"
+    base = _existing_parent(out)
+    if not os.access(base, os.W_OK):
+        raise InnardsError(f"output folder is not writable: {base}")
+    have = _committed_rows(out) if state == "resume" else 0
+    est, left = estimate_bytes(p, cfg.tokens), estimate_bytes(p, max(0, cfg.tokens - have))
+    free = shutil.disk_usage(base).free + (_tree_bytes(out) if state == "overwrite" else 0)
+    resume = f"; resuming after {have:,} rows, ~{_human(left)} still to write" if state == "resume" else ""
+    _log(f"{cfg.tokens:,} tokens x {len(p.sites)} site(s) ({', '.join(p.names)}) as {cfg.dtype}: "
+         f"~{_human(est)} on disk ({_human(free)} free){resume}", p.dist)
+    if left > free:
+        raise InnardsError(f"not enough disk space in {base}: need ~{_human(left)}, {_human(free)} free")
     try:
-        (out / "shards").mkdir(parents=True, exist_ok=True)
+        if state == "resume":
+            if not (out / "config.yaml").is_file():  # killed right after the plan was written
+                save_config(cfg, out)
+            (out / "shards").mkdir(exist_ok=True)
+            return state
+        if state == "overwrite":
+            _clear_store(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / PLAN, p.plan)  # first: a folder holding only this is a store to resume
+        (out / "shards").mkdir(exist_ok=True)
+        save_config(cfg, out)
     except OSError as e:
-        raise InnardsError(f"cannot create output folder {out}: {e.strerror or e}") from None
-    if not os.access(out, os.W_OK):
-        raise InnardsError(f"output folder is not writable: {out}")
-    write_json(out / PLAN, p.plan)
-    save_config(cfg, out)
+        raise InnardsError(f"cannot write to output folder {out}: {e.strerror or e}") from None
     return "new"
+
+
+def _committed_rows(out: Path) -> int:
+    rows = 0
+    for f in (out / "shards").glob("r*-*.json"):
+        try:
+            rows += int(json.loads(f.read_text()).get("rows", 0))
+        except (json.JSONDecodeError, OSError, ValueError):
+            pass
+    return rows
 
 
 def estimate_bytes(p: Prepared, rows: int) -> int:
@@ -338,6 +383,15 @@ def capture_rows(model: Any, sites: list[Any], batch: Batch) -> dict[str, torch.
 # ---------------------------------------------------------------- shards
 
 
+def prune(names: OrderedDict[int, str], below: int) -> None:
+    """Forget ids of documents before ``below`` (names is filled in stream order, so from the front)."""
+    while names:
+        first = next(iter(names))
+        if first >= below:
+            break
+        names.popitem(last=False)
+
+
 class ShardWriter:
     """Fills shards of exactly ``shard_tokens`` rows and commits them on a background thread."""
 
@@ -345,7 +399,7 @@ class ShardWriter:
                  start_seq: int = 0, names: dict[int, str] | None = None):
         self.out, self.rank, self.sites, self.dtype, self.k = out, rank, sites, dtype, shard_tokens
         self.seq = start_seq
-        self.names = names if names is not None else {}
+        self.names = names if names is not None else OrderedDict()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="innards-shards")
         self._pending: Future | None = None
         self.records: list[dict] = []
@@ -388,9 +442,7 @@ class ShardWriter:
         self._pending = self._pool.submit(self._commit, *job)
         self.seq += 1
         if docs:  # ids of documents before the last one in this shard are no longer needed
-            last = docs[-1][0]
-            for i in [i for i in self.names if i < last]:
-                del self.names[i]
+            prune(self.names, docs[-1][0])
         self._new_buffers()
 
     def _commit(self, name: str, bufs: dict[str, np.ndarray], index: np.ndarray, moments: dict[str, Moments],
@@ -464,7 +516,7 @@ def run_rank(p: Prepared) -> dict:
     records = committed(out, rank)
     have = sum(r["rows"] for r in records)
     want = quota(p.cfg.tokens, rank, world)
-    names: dict[int, str] = {}
+    names: OrderedDict[int, str] = OrderedDict()
     writer = ShardWriter(out, rank, {s.name: s.width for s in p.sites}, p.cfg.dtype, p.cfg.shard_tokens,
                          start_seq=len(records), names=names)
     seen = 0  # rows of the stream so far, whether stored earlier or now
@@ -476,6 +528,7 @@ def run_rank(p: Prepared) -> dict:
                 n = batch.rows
                 if seen + n <= have:  # already stored: replay the stream without the model
                     seen += n
+                    prune(names, int(batch.doc[0]) if n else 0)
                     continue
                 if seen >= want:
                     break
@@ -608,11 +661,7 @@ def harvest(cfg: HarvestConfig, model: Any = None) -> Path:
     p = prepare(cfg, dist, model=model)
     if not isinstance(p.source, GenerateSource):
         _first_document(p)
-    state = None
-    if dist.main:
-        state = open_output(p)
-        if state != "complete":
-            _announce(p, state)
+    state = open_output(p) if dist.main else None
     if dist.world > 1:
         box = [state]
         torch.distributed.broadcast_object_list(box, src=0)
@@ -629,19 +678,6 @@ def harvest(cfg: HarvestConfig, model: Any = None) -> Path:
         _log(f"wrote {m['tokens']:,} rows in {len(m['shards'])} shard(s) to {p.out}", p.dist)
     dist.barrier()
     return p.out
-
-
-def _announce(p: Prepared, state: str) -> None:
-    """Print the disk estimate; refuse to start when the free space cannot hold what is left."""
-    cfg = p.cfg
-    have = sum(json.loads(f.read_text()).get("rows", 0) for f in (p.out / "shards").glob("r*-*.json")) if state == "resume" else 0
-    est, left = estimate_bytes(p, cfg.tokens), estimate_bytes(p, max(0, cfg.tokens - have))
-    free = shutil.disk_usage(p.out).free
-    resume = f"; resuming after {have:,} rows, ~{_human(left)} still to write" if state == "resume" else ""
-    _log(f"{cfg.tokens:,} tokens x {len(p.sites)} site(s) ({', '.join(p.names)}) as {cfg.dtype}: "
-         f"~{_human(est)} on disk ({_human(free)} free){resume}", p.dist)
-    if left > free:
-        raise InnardsError(f"not enough disk space in {p.out}: need ~{_human(left)}, {_human(free)} free")
 
 
 def _first_document(p: Prepared) -> None:

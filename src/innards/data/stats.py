@@ -32,7 +32,8 @@ class Moments:
     @classmethod
     def of(cls, x: torch.Tensor | np.ndarray) -> "Moments":
         """Moments of the rows of a (n, d) array, computed in float64."""
-        t = torch.as_tensor(x).detach().to("cpu", torch.float64)
+        # reduced where the rows live (GPU rows never cross to the CPU whole); only (d,) vectors come back
+        t = torch.as_tensor(x).detach().to(torch.float64)
         if t.ndim != 2:
             raise ValueError(f"expected (n, d) rows, got shape {tuple(t.shape)}")
         n, d = t.shape
@@ -41,7 +42,7 @@ class Moments:
         mean = t.mean(0)
         m2 = (t - mean).square_().sum(0)
         norm_sum = float(torch.linalg.vector_norm(t, dim=1).sum())
-        return cls(n, mean.numpy(), m2.numpy(), norm_sum)
+        return cls(n, mean.cpu().numpy(), m2.cpu().numpy(), norm_sum)
 
     @property
     def dim(self) -> int:

@@ -9,7 +9,9 @@ A source spec is one of
 * a Hugging Face dataset: ``hf:NAME[:SPLIT]`` or ``hf:NAME:CONFIG:SPLIT`` (streamed), or a local
   folder written by ``datasets`` (``save_to_disk``) or holding parquet/arrow files;
 * ``generate:N``: N documents sampled from the model being harvested (seeded); the samples are
-  written to a cache folder so a resumed run reads the very same text.
+  written to a cache folder so a resumed run reads the very same text;
+* ``random:N``: N context-long documents of uniformly random token ids (seeded): for benchmarks
+  and smoke tests, where only the amount of computation matters.
 
 Every document gets a stable id (``relative/path:k``, ``hf:NAME:SPLIT:row``, ``gen:SEED:i``) and a
 stream index (its position in the source). Invalid UTF-8 is replaced and counted (one warning per
@@ -20,13 +22,13 @@ never harvested.
 
 from __future__ import annotations
 
-import codecs
 import csv
 import gzip
 import hashlib
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -69,33 +71,23 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+_ESCAPED = re.compile("[\udc80-\udcff]")
+
+
 class _Utf8:
-    """Decode bytes as UTF-8, replacing invalid bytes and counting them."""
+    """Decode bytes as UTF-8, replacing each invalid byte by U+FFFD and counting them."""
 
     def __init__(self) -> None:
         self.invalid = 0
 
     def decode(self, data: bytes) -> str:
-        global _CURRENT
-        prev, _CURRENT = _CURRENT, self
         try:
-            return data.decode("utf-8", errors="innards-count")
-        finally:
-            _CURRENT = prev
-
-
-_CURRENT: _Utf8 | None = None
-
-
-def _count_errors(err: UnicodeError) -> tuple[str, int]:
-    if not isinstance(err, UnicodeDecodeError):
-        raise err
-    if _CURRENT is not None:
-        _CURRENT.invalid += err.end - err.start
-    return "\ufffd", err.end
-
-
-codecs.register_error("innards-count", _count_errors)
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            # surrogateescape maps each invalid byte to one lone surrogate, which valid UTF-8 never yields
+            text, n = _ESCAPED.subn("\ufffd", data.decode("utf-8", errors="surrogateescape"))
+            self.invalid += n
+            return text
 
 
 def _warn(msg: str) -> None:
@@ -353,7 +345,7 @@ class GenerateSource(TextSource):
     """N documents sampled from a causal LM, in fixed seeded blocks cached as JSON lines."""
 
     def __init__(self, spec: str, n: int, model: Any, cache_dir: Path | None = None, seed: int = 0,
-                 max_tokens: int = 256, block: int = 16):
+                 max_tokens: int = 256, block: int = 64):
         self.spec, self.n, self.model, self.cache_dir = spec, n, model, cache_dir
         self.seed, self.max_tokens, self.block = seed, max_tokens, block
         self._docs: list[Document] = []
@@ -383,7 +375,7 @@ class GenerateSource(TextSource):
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         if start is None:
             raise InnardsError("cannot generate: the tokenizer has neither a BOS nor an EOS token")
-        count = min(self.block, self.n - b * self.block)
+        count = self.block  # whole blocks always: generate:N and generate:M share their common blocks
         device = next(self.model.parameters()).device
         ids = torch.full((count, 1), start, dtype=torch.long, device=device)
         cfg = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
@@ -425,7 +417,7 @@ class GenerateSource(TextSource):
         if self.cache_dir is None:
             if not self._docs:
                 self.prepare()
-            yield from self._docs
+            yield from self._docs[: self.n]
             return
         for b in range(self._blocks()):
             path = self._path(b)
@@ -433,8 +425,32 @@ class GenerateSource(TextSource):
                 self.prepare()  # single process: fill in whatever is missing
                 if not path.is_file():
                     raise InnardsError(f"generated text block missing: {path}")
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            lines = path.read_text(encoding="utf-8").splitlines()
+            for i, line in enumerate(lines[: self.n - b * self.block]):
                 yield Document(f"gen:{self.seed}:{b * self.block + i}", json.loads(line)["text"])
+
+
+class RandomSource(TextSource):
+    """N documents of uniformly random non-special token ids, ``max_tokens - 1`` long (benchmarks, smoke tests)."""
+
+    def __init__(self, spec: str, n: int, model: Any, seed: int = 0, max_tokens: int = 256):
+        if model is None or getattr(model, "tokenizer", None) is None:
+            raise InnardsError(f"text '{spec}' draws token ids from a model's vocabulary; no model was given")
+        tok = model.tokenizer
+        vocab = min(len(tok), int(getattr(model.config, "vocab_size", len(tok)) or len(tok)))
+        self.allowed = np.setdiff1d(np.arange(vocab), np.asarray(sorted(tok.all_special_ids), dtype=np.int64))
+        self.spec, self.n, self.seed, self.length = spec, n, seed, max(1, max_tokens - 1)
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(["random", self.n, self.seed, self.length, len(self.allowed),
+                                          int(self.allowed[-1])]).encode()).hexdigest()
+
+    def __iter__(self) -> Iterator[Document]:
+        rng = np.random.default_rng(self.seed)
+        for i in range(self.n):
+            ids = self.allowed[rng.integers(0, len(self.allowed), self.length)]
+            yield Document(f"random:{self.seed}:{i}", tokens=tuple(ids.tolist()))
 
 
 # ---------------------------------------------------------------- entry points
@@ -455,6 +471,14 @@ def open_text(spec: str, *, text_field: str = "text", split: str = "blank", mode
             raise InnardsError(f"bad text spec '{spec}': N must be positive")
         return GenerateSource(spec, n, model=model, cache_dir=Path(cache_dir) if cache_dir else None, seed=seed,
                               max_tokens=max_tokens)
+    if spec.startswith("random:"):
+        try:
+            n = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise InnardsError(f"bad text spec '{spec}' (use random:N)") from None
+        if n <= 0:
+            raise InnardsError(f"bad text spec '{spec}': N must be positive")
+        return RandomSource(spec, n, model, seed=seed, max_tokens=max_tokens)
     if spec.startswith("hf:"):
         parts = spec[3:].split(":")
         if not parts[0]:
@@ -527,7 +551,8 @@ def tokenize_documents(docs: Iterable[tuple[int, Document]], tokenizer: Any, bat
 
     def flush() -> Iterator[tuple[int, np.ndarray]]:
         texts = [d.text for _, d in pending if d.tokens is None]
-        enc = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        # verbose=False: documents longer than the model's context are expected; they are chunked below
+        enc = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
         it = iter(enc)
         for i, d in pending:
             ids = d.tokens if d.tokens is not None else next(it)

@@ -298,8 +298,9 @@ def evaluate_glp(cfg: EvalConfig) -> dict[str, Any]:
         sae = load_sae(sae_dir)
         if sae.d_in != d:
             raise InnardsError(f"the SAE in {sae_dir} has width {sae.d_in}, the site has {d}")
-        if sae.hook_name and sae.hook_name != site and sae.hook_name.startswith("blocks."):
-            notes.append(f"the SAE was trained on '{sae.hook_name}', evaluated here on '{site}'")
+        trained_on = (sae.cfg.get("metadata") or {}).get("innards_site")
+        if trained_on and trained_on != site:
+            notes.append(f"the SAE was trained on '{trained_on}', evaluated here on '{site}'")
         x_sae = torch.cat([sae.reconstruct(x_val[i:i + 4096]) for i in range(0, n, 4096)]).float()
         sae_info = {"path": str(sae_dir), "architecture": sae.architecture, "k": sae.k, "d_sae": sae.d_sae,
                     "trained_here": not cfg.sae}
@@ -321,18 +322,22 @@ def evaluate_glp(cfg: EvalConfig) -> dict[str, Any]:
         "project_steps": cfg.project_steps, "project_schedule": cfg.project_schedule,
     }
     # ---- Fréchet distances (held-out is always the reference set)
-    res["fd"] = frechet_distance_from_moments(*moments(samples), mu_v, S_v)
+    bad = int((~torch.isfinite(samples).all(-1)).sum())
+    res["glp_nonfinite_samples"] = bad
+    if bad:
+        notes.append(f"{bad} of {n} GLP samples hold NaN/inf: fd and c2st_auc_glp are not defined")
+    res["fd"] = frechet_distance_from_moments(*moments(samples), mu_v, S_v) if not bad else None
     res["fd_floor"] = frechet_distance_from_moments(mu_t, S_t, mu_v, S_v)
     res["fd_gaussian"] = frechet_distance(gauss, x_val)
     res["fd_pca"] = frechet_distance(x_pca, x_val)
     res["fd_sae"] = frechet_distance(x_sae, x_val) if x_sae is not None else None
-    res["fd_glp_projection"] = frechet_distance(x_proj, x_val)
+    res["fd_glp_projection"] = frechet_distance(x_proj, x_val) if torch.isfinite(x_proj).all() else None
     res["sae"] = sae_info
     tick("fd")
     # ---- classifier two-sample tests
     if cfg.c2st:
         res["c2st_auc_floor"] = c2st_auc(x_val, x_train, seed=cfg.seed)
-        res["c2st_auc_glp"] = c2st_auc(x_val, samples, seed=cfg.seed)
+        res["c2st_auc_glp"] = c2st_auc(x_val, samples, seed=cfg.seed) if not bad else None
         res["c2st_auc_gaussian"] = c2st_auc(x_val, gauss, seed=cfg.seed)
         res["c2st_auc_pca"] = c2st_auc(x_val, x_pca, seed=cfg.seed)
         if x_sae is not None:
@@ -353,8 +358,10 @@ def evaluate_glp(cfg: EvalConfig) -> dict[str, Any]:
     # ---- outputs
     out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.plot:
-        png = pca_plot(x_val, {"GLP samples": samples, "Gaussian": gauss}, out.with_name(out.stem + "_pca.png"),
-                       title=f"{res['model']} {site}: FD GLP {res['fd']:.4g}, Gaussian {res['fd_gaussian']:.4g}, floor {res['fd_floor']:.4g}")
+        sets = {"GLP samples": samples[torch.isfinite(samples).all(-1)], "Gaussian": gauss}
+        png = pca_plot(x_val, sets, out.with_name(out.stem + "_pca.png"),
+                       title=f"{res['model']} {site}: FD GLP {_fmt(res['fd'])}, Gaussian {_fmt(res['fd_gaussian'])}, "
+                             f"floor {_fmt(res['fd_floor'])}")
         res["plot"] = str(png)
     write_json(out, res)
     save_config(cfg, out.parent, name=out.stem + ".config.yaml")

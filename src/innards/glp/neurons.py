@@ -153,11 +153,11 @@ def _token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
     return [tokenizer.decode([i]) for i in ids]
 
 
-def build_report(found: dict, neurons: list[tuple[int, int]], tokenizer: Any) -> list[dict]:
-    """Per neuron: examples (context tokens, activations, max) in descending order of activation."""
+def build_report(found: dict, neurons: list[tuple[int, int]], tokenizer: Any) -> tuple[list[dict], dict[str, dict]]:
+    """(neurons, contexts): per neuron its examples in descending order; each context's tokens stored once."""
     tr: TopContexts = found["tracker"]
     out = []
-    cache: dict[int, list[str]] = {}
+    contexts: dict[str, dict] = {}
     for j, (b, i) in enumerate(neurons):
         examples = []
         for r in range(tr.vals.shape[0]):
@@ -166,26 +166,30 @@ def build_report(found: dict, neurons: list[tuple[int, int]], tokenizer: Any) ->
             if cid < 0 or v == -float("inf"):
                 continue
             doc, ids, keep = found["contexts"][cid]
-            if cid not in cache:
-                cache[cid] = _token_strings(tokenizer, ids)
+            if str(cid) not in contexts:
+                contexts[str(cid)] = {"doc": doc, "doc_id": found["doc_ids"].get(doc),
+                                      "tokens": _token_strings(tokenizer, ids), "special": [not k for k in keep]}
             acts = tr.tok[r, j, :len(ids)].float().tolist()
             kept = [k for k in range(len(ids)) if keep[k]]
             arg = max(kept, key=lambda k: acts[k]) if kept else 0
-            examples.append({"context": cid, "doc": doc, "doc_id": found["doc_ids"].get(doc), "max": v,
-                             "max_position": arg, "tokens": cache[cid], "acts": [round(a, 4) for a in acts],
-                             "special": [not k for k in keep]})
+            examples.append({"context": cid, "max": v, "max_position": arg, "acts": [float(f"{a:.4g}") for a in acts]})
         out.append({"neuron": f"{b}:{i}", "block": b, "index": i,
                     "max": examples[0]["max"] if examples else None, "examples": examples})
-    return out
+    return out, contexts
 
 
 def _emphasis(acts: list[float], special: list[bool], frac: float, mx: float) -> list[bool]:
     return [(not s) and mx > 0 and a >= frac * mx for a, s in zip(acts, special)]
 
 
-def render_markdown(report: list[dict], header: dict, highlight: float, page_top: int, window: int = 12) -> str:
+def _window(n: int, centre: int, half: int) -> tuple[int, int]:
+    return max(0, centre - half), min(n, centre + half + 1)
+
+
+def render_markdown(report: list[dict], contexts: dict[str, dict], header: dict, highlight: float, page_top: int,
+                    window: int = 12) -> str:
     """Readable Markdown: per neuron, a window around each context's max token, strong tokens in bold."""
-    lines = [f"# Meta-neuron top contexts", "",
+    lines = ["# Meta-neuron top contexts", "",
              f"GLP `{header['glp']}` on `{header['model']}` at `{header['site']}`, t = {header['t']}, "
              f"{header['n_contexts']} contexts ({header['n_tokens']} tokens). Bold: tokens at >= {highlight:g} x "
              f"the context's maximum; [[brackets]]: the maximum.", ""]
@@ -193,14 +197,15 @@ def render_markdown(report: list[dict], header: dict, highlight: float, page_top
         lines.append(f"## {n['neuron']}  (max {n['max']:.3f})" if n["max"] is not None else f"## {n['neuron']}")
         lines.append("")
         for ex in n["examples"][:page_top]:
+            ctx = contexts[str(ex["context"])]
             mp = ex["max_position"]
-            lo, hi = max(0, mp - window), min(len(ex["tokens"]), mp + window + 1)
-            emph = _emphasis(ex["acts"], ex["special"], highlight, ex["max"])
+            lo, hi = _window(len(ctx["tokens"]), mp, window)
+            emph = _emphasis(ex["acts"], ctx["special"], highlight, ex["max"])
             parts = []
             for k in range(lo, hi):
-                if ex["special"][k]:
+                if ctx["special"][k]:
                     continue
-                tok = ex["tokens"][k].replace("\n", "⏎").replace("|", "\\|").replace("*", "\\*").replace("`", "'")
+                tok = ctx["tokens"][k].replace("\n", "⏎").replace("|", "\\|").replace("*", "\\*").replace("`", "'")
                 core = tok.strip()
                 lead = " " if tok[:1].isspace() else ""
                 if not core and k != mp and not emph[k]:
@@ -212,39 +217,48 @@ def render_markdown(report: list[dict], header: dict, highlight: float, page_top
                 elif emph[k]:
                     core = f"**{core}**"
                 parts.append(lead + core)
-            lines.append(f"- {ex['max']:.3f} `{ex['doc_id']}`: " + ("… " if lo > 1 else "") + "".join(parts).strip()
-                         + (" …" if hi < len(ex["tokens"]) else ""))
+            lines.append(f"- {ex['max']:.3f} `{ctx['doc_id']}`: " + ("… " if lo > 1 else "") + "".join(parts).strip()
+                         + (" …" if hi < len(ctx["tokens"]) else ""))
         lines.append("")
     return "\n".join(lines)
 
 
-def render_html(report: list[dict], header: dict, highlight: float, page_top: int) -> str:
+def render_html(report: list[dict], contexts: dict[str, dict], header: dict, highlight: float, page_top: int,
+                window: int = 24) -> str:
     """Self-contained HTML: token backgrounds shaded by activation, the maximum outlined."""
     esc = html.escape
     out = ["<!doctype html><html><head><meta charset='utf-8'><title>Meta-neuron top contexts</title><style>",
            "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-           ".ctx{font-family:monospace;white-space:pre-wrap;line-height:1.7;margin:.3em 0 .8em}"
-           ".t{border-radius:2px}.m{outline:2px solid #c00}.b{font-weight:bold}.v{color:#666;font-size:.85em}"
+           ".c{font-family:monospace;white-space:pre-wrap;line-height:1.7;margin:.2em 0 .8em}"
+           ".m{outline:2px solid #c00}.b{font-weight:bold}.v{color:#666;font-size:.85em}"
            "h2{font-size:1.05em;border-top:1px solid #ddd;padding-top:.6em}</style></head><body>",
            f"<h1>Meta-neuron top contexts</h1><p>GLP <code>{esc(str(header['glp']))}</code> on "
            f"<code>{esc(str(header['model']))}</code> at <code>{esc(str(header['site']))}</code>, t = {header['t']}; "
            f"{header['n_contexts']} contexts, {header['n_tokens']} tokens. Shading: activation / context maximum; "
-           f"bold: &ge; {highlight:g}&times; the maximum; outlined: the maximum.</p>"]
+           f"bold: &ge; {highlight:g}&times; the maximum; outlined: the maximum. Hover a shaded token for its value.</p>"]
     for n in report:
         mx = f" &mdash; max {n['max']:.3f}" if n["max"] is not None else ""
         out.append(f"<h2 id='n{esc(n['neuron'])}'>neuron {esc(n['neuron'])}{mx}</h2>")
         for ex in n["examples"][:page_top]:
-            emph = _emphasis(ex["acts"], ex["special"], highlight, ex["max"])
-            spans = []
-            for k, (tok, a) in enumerate(zip(ex["tokens"], ex["acts"])):
-                if ex["special"][k]:
+            ctx = contexts[str(ex["context"])]
+            emph = _emphasis(ex["acts"], ctx["special"], highlight, ex["max"])
+            lo, hi = _window(len(ctx["tokens"]), ex["max_position"], window)
+            spans = ["&hellip;" if lo > 1 else ""]
+            for k in range(lo, hi):
+                if ctx["special"][k]:
                     continue
+                tok, a = ctx["tokens"][k], ex["acts"][k]
                 alpha = max(0.0, min(1.0, a / ex["max"])) if ex["max"] > 0 else 0.0
-                cls = "t" + (" m" if k == ex["max_position"] else "") + (" b" if emph[k] else "")
-                spans.append(f"<span class='{cls}' title='{a:.3f}' style='background:rgba(255,140,0,{alpha:.2f})'>"
-                             f"{esc(tok)}</span>")
-            out.append(f"<div class='v'>{ex['max']:.3f} &middot; {esc(str(ex['doc_id']))}</div>"
-                       f"<div class='ctx'>{''.join(spans)}</div>")
+                is_max = k == ex["max_position"]
+                if alpha < 0.05 and not is_max:
+                    spans.append(esc(tok))  # unshaded tokens stay plain text: keeps big pages small
+                    continue
+                cls = " ".join(c for c, on in (("m", is_max), ("b", emph[k])) if on)
+                spans.append(f"<span{f' class={chr(39)}{cls}{chr(39)}' if cls else ''} title='{a:.3g}' "
+                             f"style='background:rgba(255,140,0,{alpha:.2f})'>{esc(tok)}</span>")
+            spans.append("&hellip;" if hi < len(ctx["tokens"]) else "")
+            out.append(f"<div class='v'>{ex['max']:.3f} &middot; {esc(str(ctx['doc_id']))}</div>"
+                       f"<div class='c'>{''.join(spans)}</div>")
     out.append("</body></html>")
     return "\n".join(out)
 
@@ -285,7 +299,7 @@ def glp_neurons(cfg: NeuronsConfig) -> Path:
     t0 = time.perf_counter()
     found = top_contexts(glp, model, site, iter_documents(source), neurons, cfg.top, cfg.context, cfg.t, cfg.seed,
                          cfg.batch_size, cfg.max_docs)
-    report = build_report(found, neurons, model.tokenizer)
+    report, contexts = build_report(found, neurons, model.tokenizer)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     header = {"glp": str(Path(cfg.glp).resolve()), "model": model_name, "site": site, "t": cfg.t, "seed": cfg.seed,
@@ -293,9 +307,9 @@ def glp_neurons(cfg: NeuronsConfig) -> Path:
               "n_contexts": found["n_contexts"], "n_tokens": found["n_tokens"], "n_neurons": len(neurons),
               "d_mlp": glp.config.d_mlp, "n_blocks": glp.config.n_blocks,
               "seconds": round(time.perf_counter() - t0, 2)}
-    write_json(out / "neurons.json", {**header, "neurons": report}, indent=None)
-    atomic_write_bytes(out / "neurons.md", render_markdown(report, header, cfg.highlight, cfg.page_top).encode())
-    atomic_write_bytes(out / "neurons.html", render_html(report, header, cfg.highlight, cfg.page_top).encode())
+    write_json(out / "neurons.json", {**header, "neurons": report, "contexts": contexts}, indent=None)
+    atomic_write_bytes(out / "neurons.md", render_markdown(report, contexts, header, cfg.highlight, cfg.page_top).encode())
+    atomic_write_bytes(out / "neurons.html", render_html(report, contexts, header, cfg.highlight, cfg.page_top).encode())
     save_config(cfg, out)
     print(f"wrote top contexts of {len(neurons)} meta-neurons over {found['n_contexts']} contexts to {out}")
     return out

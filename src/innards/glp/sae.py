@@ -72,6 +72,12 @@ class SparseAutoencoder(nn.Module):
         return meta.get("hook_name") or self.cfg.get("hook_name")
 
     @property
+    def site(self) -> str | None:
+        """The innards site name the SAE was trained on (SAEs trained here), else its hook name."""
+        meta = self.cfg.get("metadata") or {}
+        return meta.get("innards_site") or self.hook_name
+
+    @property
     def model_name(self) -> str | None:
         """The model the SAE was trained on, as its cfg names it."""
         meta = self.cfg.get("metadata") or {}
@@ -486,10 +492,12 @@ def train_sae(cfg: SAETrainConfig) -> Path:
         man = store.manifest or {}
         model = man.get("model")
         model_name = model.get("name") if isinstance(model, dict) else model
+        # SAELens/TransformerLens users look the SAE up by the TransformerLens hook name
+        tl = next((e.get("tl_name") for e in man.get("sites", []) if isinstance(e, dict) and e.get("site") == site), None)
         summary = {"site": site, "store": str(Path(cfg.acts).resolve()), "tokens": res.tokens, "steps": res.steps,
                    "batch_size": batch, "lr": lr, "aux_k": aux_k, "input_scale": scale, "train_fvu": res.final_fvu,
                    "train_dead_fraction": res.dead_fraction, "seconds": round(res.seconds, 2), **val}
-        sae.save_pretrained(tmp, hook_name=site, model_name=model_name,
+        sae.save_pretrained(tmp, hook_name=tl or site, model_name=model_name,
                             extra_metadata={"innards_site": site, "innards_model": model, "training": summary})
         write_json(tmp / "summary.json", summary)
         save_config(cfg, tmp)

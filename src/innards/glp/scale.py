@@ -196,7 +196,6 @@ def scale(cfg: ScaleConfig) -> dict[str, Any]:
         raise InnardsError("--checkpoints must be at least 2")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
     runs = []
     for depth in depths:
         run = out / f"d{depth}"
@@ -222,6 +221,9 @@ def scale(cfg: ScaleConfig) -> dict[str, Any]:
     except InnardsError as e:
         fit = None
         notes.append(f"no fit: {e}")
+    if fit and fit["E_at_bound"]:
+        notes.append("the fitted E sits on its bound (0 or the lowest loss): the envelope does not pin down the "
+                     "irreducible loss; train longer or larger runs before trusting E and alpha")
     res: dict[str, Any] = {"acts": str(Path(cfg.acts).resolve()), "depths": depths, "runs": runs,
                            "envelope": env_pts, "fit": fit, "law": "L(C) = E + A * C^-alpha, C = 6 * N_params * D",
                            "notes": notes}
@@ -230,6 +232,7 @@ def scale(cfg: ScaleConfig) -> dict[str, Any]:
         res["downstream"] = _downstream(cfg, env_pts, notes)
         res["plots"]["downstream"] = str(plot_downstream(res["downstream"], out / "downstream.png"))
     write_json(out / "scale.json", res)
+    save_config(cfg, out)
     if fit:
         print(f"L(C) = {fit['E']:.4g} + {fit['A']:.4g} * C^-{fit['alpha']:.4g}   (R^2 = {fit['r2']:.4f}, "
               f"{fit['n_points']} envelope points)")
@@ -329,6 +332,10 @@ def plot_scaling(res: dict[str, Any], path: Path) -> Path:
                 label=f"{fit['E']:.3g} + {fit['A']:.3g} C^-{fit['alpha']:.3g} (R²={fit['r2']:.3f})")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import LogFormatter
+
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     ax.set_xlabel("compute C = 6 N D (FLOPs)")
     ax.set_ylabel("validation loss")
     ax.legend(fontsize=8)

@@ -30,13 +30,15 @@ from tqdm import tqdm
 from innards.config import save_config, to_dict
 from innards.errors import InnardsError
 from innards.glp.model import GLP, GLPConfig
+from innards.glp.stream import StreamExhausted
 from innards.io import load_tensors, read_json, save_tensors, write_json
 from innards.runlog import MetricsLog
 from innards.runtime import Dist, default_device, init_dist
 
 RESUME_DIR = "resume"
 # settings that may change on --resume without changing the result
-_RESUME_FREE = {"resume", "stop_after", "overwrite", "wandb_project", "progress", "device", "log_every", "save_every"}
+_RESUME_FREE = {"resume", "stop_after", "overwrite", "wandb_project", "progress", "device", "log_every", "save_every",
+                "stream_producer"}
 
 
 @dataclass
@@ -85,10 +87,12 @@ class GLPTrainConfig:
     buffer_gb: float = 2.0
     shard_rows: int = 65536
     stats_rows: int = 262144
-    val_docs: int = 64
-    context: int = 256
+    val_fraction: float = 0.05
+    context: int | None = None
     harvest_batch: int = 16
-    model_dtype: str = "fp32"
+    model_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"
+    stream_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    stream_producer: Literal["process", "thread"] = "process"
 
     __field_help__ = {
         "acts": "activation store folder (innards harvest)",
@@ -100,6 +104,17 @@ class GLPTrainConfig:
         "tokens": "activations to train on (rows; repeats the store when larger than it)",
         "steps": "optimiser steps (alternative to --tokens; default one pass over the store)",
         "batch_size": "activations per optimiser step (global, over all ranks)",
+        "lr": "peak learning rate of AdamW (paper: 5e-5)",
+        "weight_decay": "AdamW weight decay",
+        "warmup": "fraction of the steps spent warming up linearly from 0.01 x lr",
+        "final_lr_frac": "the cosine decay ends at this fraction of lr",
+        "clip": "global gradient-norm clip (0 = off)",
+        "logit_mean": "mean of the logit-normal timestep density",
+        "logit_std": "standard deviation of the logit-normal timestep density",
+        "seed": "seed of the initialisation, data order, timesteps and noise",
+        "device": "training device (default: cuda if available, else cpu)",
+        "log_every": "steps between metrics lines",
+        "wandb_project": "also log to this Weights & Biases project",
         "t_dist": "timestep density: uniform (default), logit_normal, or the reference's discrete grid",
         "ema": "EMA decay of the weights (0 = off); checkpoints then hold the EMA weights",
         "precision": "bf16 autocast or fp32; auto = bf16 on CUDA, and on CPU when a quick matmul test finds it faster",
@@ -117,7 +132,12 @@ class GLPTrainConfig:
         "buffer_gb": "disk bound of the stream buffer (GB)",
         "shard_rows": "activations per stream shard",
         "stats_rows": "stream mode: activations of the warm-up pass used for the normalisation statistics",
-        "val_docs": "stream mode: the first documents of the text, held out for validation",
+        "val_fraction": "stream mode: fraction of documents held out for validation (hash of the document id)",
+        "context": "stream mode: tokens per sequence (default: the model's, at most 1024)",
+        "harvest_batch": "stream mode: sequences per forward pass of the model",
+        "model_dtype": "stream mode: dtype the model runs in",
+        "stream_dtype": "stream mode: dtype of the activations in the buffer",
+        "stream_producer": "stream mode: run the harvester in its own process (default) or in a thread",
     }
 
 
@@ -542,6 +562,8 @@ def _train(cfg: GLPTrainConfig, source: Source, dist: Dist, out: Path) -> Path:
             "source_state": source.state_dict(), "acc": acc.dump(), "nonfinite_in_store": nonfinite_total,
             "stats": {s: {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in st.items()} for s, st in stats.items()},
         })
+        if hasattr(source, "after_save"):  # the stream may now delete shards the saved state no longer needs
+            source.after_save(source.state_dict())  # type: ignore[attr-defined]
 
     if hasattr(source, "set_commit_hook"):
         # the stream asks for a resume state before it deletes consumed shards (see stream.py)
@@ -551,16 +573,55 @@ def _train(cfg: GLPTrainConfig, source: Source, dist: Dist, out: Path) -> Path:
         return {"step": step, "total_steps": total, "activations": rows_seen, "n_params": n_params,
                 "flops": 6.0 * n_params * rows_seen, "train_loss": train_loss, "val_loss": val_loss,
                 "batch_size": cfg.batch_size, "lr": cfg.lr, "t_dist": cfg.t_dist, "ema": cfg.ema, "precision": precision,
-                "skipped_nonfinite_rows": skipped, "data": source.identity()}
+                "skipped_nonfinite_rows": skipped, "world_size": dist.world, "data": source.identity()}
 
     bar = tqdm(total=total, initial=step, desc="glp train", unit="step", disable=not (cfg.progress and dist.main))
-    last_train = acc.last_loss
-    last_summary: dict[str, Any] | None = None
-    t_log = time.perf_counter()
-    rows_log = 0
+    last: dict[str, Any] = {"train": acc.last_loss, "summary": None, "lr": cfg.lr, "gnorm": float("nan")}
+    clock = {"t": time.perf_counter(), "rows": 0}
+
+    def report(force: bool = False) -> None:
+        """Metrics, validation, checkpoints and resume states due after ``step``."""
+        do_log = force or step % cfg.log_every == 0 or step == total
+        do_val = force or step % val_every == 0 or step in ckpts or step == total
+        if not (do_log or do_val):
+            if step % cfg.save_every == 0:
+                save_resume()
+            return
+        dt = time.perf_counter() - clock["t"]
+        rec = acc.flush(dist)
+        last["train"] = rec.get("train_loss", last["train"])
+        entry: dict[str, Any] = {"lr": last["lr"], "grad_norm": last["gnorm"], "activations": rows_seen,
+                                 "flops": 6.0 * n_params * rows_seen, "act_per_s": clock["rows"] / dt if dt > 0 else None,
+                                 "skipped_nonfinite_rows": skipped, **rec}
+        vloss = None
+        if do_val and val is not None:
+            vloss, vb = val.evaluate(glp, amp, snapshot_state() if ema is not None else None)
+            if vloss is not None:
+                entry.update(val_loss=vloss, val_loss_t=vb)
+        if dist.main:
+            log.log(step, **entry)
+            bar.set_postfix(loss=f"{entry.get('train_loss', float('nan')):.4f}",
+                            **({"val": f"{vloss:.4f}"} if vloss is not None else {}))
+        if step in ckpts and dist.main:
+            last["summary"] = summary(vloss, last["train"])
+            _save_glp(glp, out / "checkpoints" / f"step_{step:07d}", snapshot_state(), last["summary"])
+        if step in ckpts or step % cfg.save_every == 0 or step == total:
+            save_resume()
+        dist.barrier()
+        clock["t"], clock["rows"] = time.perf_counter(), 0
+
     glp.train()
     while step < total:
-        raw = source.next_batch()
+        try:
+            raw = source.next_batch()
+        except StreamExhausted as e:
+            if step == 0:
+                raise InnardsError(f"{e}: nothing to train on") from None
+            print(f"innards: warning: {e}; stopping at step {step} of {total}", file=sys.stderr)
+            total = step
+            ckpts.add(step)
+            report(force=True)
+            break
         x, site_ids = _rows_and_sites(raw, len(source.sites))
         n_global = x.shape[0]
         # noise for the whole global batch on every rank: results independent of the world size
@@ -598,38 +659,10 @@ def _train(cfg: GLPTrainConfig, source: Source, dist: Dist, out: Path) -> Path:
         acc.add(per.detach(), ts)
         step += 1
         rows_seen += n_ok_global
-        rows_log += n_ok_global
+        clock["rows"] += n_ok_global
+        last["lr"], last["gnorm"] = lr, float(gnorm)
         bar.update(1)
-
-        do_log = step % cfg.log_every == 0 or step == total
-        do_val = step % val_every == 0 or step in ckpts or step == total
-        if do_log or do_val:
-            dt = time.perf_counter() - t_log
-            rec = acc.flush(dist)
-            last_train = rec.get("train_loss", last_train)
-            entry: dict[str, Any] = {"lr": lr, "grad_norm": float(gnorm), "activations": rows_seen,
-                                     "flops": 6.0 * n_params * rows_seen, "act_per_s": rows_log / dt if dt > 0 else None,
-                                     "skipped_nonfinite_rows": skipped, **rec}
-            vloss = None
-            if do_val and val is not None:
-                sd_eval = snapshot_state() if ema is not None else None
-                vloss, vb = val.evaluate(glp, amp, sd_eval)
-                if vloss is not None:
-                    entry.update(val_loss=vloss, val_loss_t=vb)
-            if dist.main:
-                log.log(step, **entry)
-                bar.set_postfix(loss=f"{entry.get('train_loss', float('nan')):.4f}",
-                                **({"val": f"{vloss:.4f}"} if vloss is not None else {}))
-            if step in ckpts and dist.main:
-                last_summary = summary(vloss, last_train)
-                _save_glp(glp, out / "checkpoints" / f"step_{step:07d}", snapshot_state(), last_summary)
-            if step in ckpts or step % cfg.save_every == 0 or step == total:
-                save_resume()
-            dist.barrier()
-            t_log = time.perf_counter()
-            rows_log = 0
-        elif step % cfg.save_every == 0:
-            save_resume()
+        report()
         if cfg.stop_after is not None and step >= cfg.stop_after and step < total:
             save_resume()
             bar.close()
@@ -640,7 +673,7 @@ def _train(cfg: GLPTrainConfig, source: Source, dist: Dist, out: Path) -> Path:
             return out
     bar.close()
     if dist.main:
-        _save_glp(glp, out, snapshot_state(), last_summary or summary(None, last_train))
+        _save_glp(glp, out, snapshot_state(), last["summary"] or summary(None, last["train"]))
     log.close()
     dist.barrier()
     return out

@@ -88,6 +88,7 @@ class DemoLMConfig:
     final_eval_seqs: int = 512
     ckpt_every: int = 200
     autocast: Literal["bf16", "fp32"] = "bf16"
+    compile: bool = False
     save_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     threads: int = 1
     device: str | None = None
@@ -110,6 +111,7 @@ class DemoLMConfig:
         "minutes": "wall-clock budget; the learning-rate schedule follows it",
         "stop_at": "pause at this step with a checkpoint (continue with --resume)",
         "autocast": "compute dtype of matmuls (parameters stay fp32)",
+        "compile": "torch.compile the training forward/backward (faster steps after a slow first one)",
         "save_dtype": "dtype of the shipped weights",
         "threads": "torch CPU threads",
         "install": "copy the final model folder into the package (innards/models/demo)",
@@ -397,7 +399,7 @@ def evaluate(model, val: np.ndarray, ctx: int, n_seqs: int, bs: int, amp: bool, 
     return tot / max(cnt, 1)
 
 
-_BUDGET_KEYS = {"steps", "tokens", "minutes", "stop_at", "resume", "overwrite", "install", "eval_every", "eval_seqs",
+_BUDGET_KEYS = {"out", "compile", "steps", "tokens", "minutes", "stop_at", "resume", "overwrite", "install", "eval_every", "eval_seqs",
                 "final_eval_seqs", "ckpt_every", "samples", "sample_tokens", "wandb", "threads", "device", "cache_dir"}
 
 
@@ -450,7 +452,7 @@ def train_demo_lm(cfg: DemoLMConfig) -> Path:
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False, foreach=False)
-    state = {"step": 0, "tokens": 0, "elapsed": 0.0, "best_val": None}
+    state = {"step": 0, "tokens": 0, "elapsed": 0.0}
     if cfg.resume:
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         old = {k: v for k, v in ck["config"].items() if k not in _BUDGET_KEYS}
@@ -480,6 +482,7 @@ def train_demo_lm(cfg: DemoLMConfig) -> Path:
     print(f"demo-lm: {params:,} parameters, {meta['train_tokens']:,} train / {meta['val_tokens']:,} held-out tokens, "
           f"{torch.get_num_threads()} thread(s) on {device}", flush=True)
     model.train()
+    fwd = torch.compile(model) if cfg.compile else model
     t_last = time.time()
     bar = tqdm(total=total_steps, initial=state["step"], desc="demo-lm", unit="step", dynamic_ncols=True)
     stopping = {"flag": False}
@@ -496,7 +499,7 @@ def train_demo_lm(cfg: DemoLMConfig) -> Path:
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y = _batch(train, cfg.context, cfg.batch_size, cfg.seed, step)
-            loss = _loss(model, x, y, amp, device)
+            loss = _loss(fwd, x, y, amp, device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -581,7 +584,8 @@ def write_final(cfg: DemoLMConfig, model, tok, state: dict, meta: dict, val_loss
     save_config(cfg, tmp, name="train_config.yaml")
     summary = {
         "parameters": n_params(model), "steps": state["step"], "tokens_seen": state["tokens"],
-        "wall_time_s": round(state["elapsed"], 1), "threads": cfg.threads, "device": str(device),
+        "wall_time_s": round(state["elapsed"], 1), "tokens_per_s": round(state["tokens"] / max(state["elapsed"], 1e-9)),
+        "threads": cfg.threads, "device": str(device),
         "trained_on": _cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
         "held_out_loss": round(val_loss, 4), "held_out_ppl": round(math.exp(val_loss), 3),
         "held_out_eval_tokens": int(min(cfg.final_eval_seqs, (meta["val_tokens"] - 1) // cfg.context) * cfg.context),
@@ -607,6 +611,8 @@ def model_card(cfg: DemoLMConfig, s: dict) -> str:
     epochs = s["tokens_seen"] / max(d["train_tokens"], 1)
     val_titles = "\n".join(f"  - {t}" for t in d["val_titles"][:40])
     more = f"\n  - ... and {len(d['val_titles']) - 40} more" if len(d["val_titles"]) > 40 else ""
+    limit = ("- The compute budget, not the data, limits this model: it saw less than one epoch, and a longer run (same\n"
+             "  command, larger `--minutes`, or a GPU) gives a lower loss." if epochs < 1 else "")
     samples = "\n\n".join(f"**Prompt** `{x['prompt'] or '(BOS only)'}`\n\n> " + x["text"].replace("\n", "\n> ") for x in s["samples"])
     return f"""# innards demo LM
 
@@ -638,13 +644,12 @@ not a useful language model.
   weight decay {cfg.weight_decay}), {cfg.warmup_steps} warm-up steps then cosine decay to {cfg.min_lr_ratio:g}x, gradient clipping {cfg.grad_clip},
   batch {cfg.batch_size} x {cfg.context} tokens, {cfg.autocast} autocast.
 - **{s['steps']:,} steps, {s['tokens_seen']:,} tokens seen** ({epochs:.2f} epochs of the training stream),
-  **wall time {s['wall_time_s'] / 60:.1f} min** (the training loop; periodic evaluation not counted) on {s['device']} ({s['trained_on']}, {s['threads']} thread(s)), torch {s['torch']}, {s['date']}.
+  **wall time {s['wall_time_s'] / 60:.1f} min** (the training loop; periodic evaluation not counted) on {s['device']} ({s['trained_on']}, {s['threads']} thread(s), {s['tokens_per_s']:,} tokens/s), torch {s['torch']}, {s['date']}.
 
 ## Results
 - **Held-out loss {s['held_out_loss']:.4f} nats/token (perplexity {s['held_out_ppl']:.2f})** on {s['held_out_eval_tokens']:,} tokens of the
   held-out books (BOS targets excluded). Training curve: `metrics.jsonl` of the run; summary in `metrics_summary.json`.
-- The budget, not the data, limits this model: it saw a fraction of an epoch, and a longer run (same command,
-  `--minutes` larger, or a GPU) gives a lower loss.
+{limit}
 
 ## Samples
 Seeded (`seed={cfg.seed}+i`), temperature 0.8, top-k 40, {cfg.sample_tokens} new tokens:
@@ -668,6 +673,8 @@ def install(final: Path, dest: Path = DEMO_DIR) -> Path:
     shutil.copytree(final, tmp)
     if dest.exists():
         dest.rename(old)
+    for f in tmp.iterdir():
+        f.chmod(0o644)  # package data must be readable by every user of an installed copy
     tmp.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
     size = sum(p.stat().st_size for p in dest.iterdir())

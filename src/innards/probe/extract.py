@@ -50,6 +50,13 @@ def token_policy(model: Any, token: str = "auto") -> str:
     return "last_real" if is_encoder(model) else "last"
 
 
+TOKEN_RULES = {
+    "last": "last non-pad token of the prompt (SAE-Probes: right padding, left truncation)",
+    "last_real": "last non-special token of the prompt, just before [SEP] (encoder: an ordinary token, "
+                 "in-distribution for a GLP/SAE trained on running text; see innards.probe.extract)",
+}
+
+
 def context_length(model: Any, max_length: int | None = None) -> int:
     """Longest prompt kept: ``max_length`` or the model's positions capped at 1024 (SAE-Probes)."""
     cfg = model.config

@@ -32,12 +32,14 @@ class FeatureSpec:
 
     kind: str
     arg: str | None = None
+    depth: int = 1  # path components of a GLP/SAE folder shown in the label
 
     @property
     def name(self) -> str:
         """Label in tables and JSON: 'raw', 'mlp', 'glp:<folder name>', 'sae:<folder name>', 'pca:K'."""
         if self.kind in ("glp", "sae"):
-            return f"{self.kind}:{Path(self.arg).name}"
+            parts = Path(self.arg).resolve().parts
+            return f"{self.kind}:{'/'.join(parts[-self.depth:])}"
         return self.kind if self.arg is None else f"{self.kind}:{self.arg}"
 
 
@@ -67,9 +69,19 @@ def parse_features(items: list[str]) -> list[FeatureSpec]:
             spec = FeatureSpec("pca", str(k))
         else:
             raise InnardsError(f"unknown feature set '{text}' (choose from {USAGE})")
-        if spec.name in {s.name for s in specs}:
-            raise InnardsError(f"feature set '{spec.name}' is given twice")
         specs.append(spec)
+    # two folders with the same name (runs/a/final, runs/b/final): label them with more of their path
+    for _ in range(8):
+        names = [s.name for s in specs]
+        clash = {n for n in names if names.count(n) > 1}
+        if not clash:
+            break
+        specs = [FeatureSpec(s.kind, s.arg, s.depth + 1) if s.name in clash and s.arg and
+                 len(Path(s.arg).resolve().parts) > s.depth else s for s in specs]
+    names = [s.name for s in specs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise InnardsError(f"feature set '{dup}' is given twice")
     return specs
 
 

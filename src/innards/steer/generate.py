@@ -15,6 +15,8 @@ With a GLP, every edited activation is projected on its own (the GLP is a single
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -93,12 +95,22 @@ class SteeringHook:
             seed = self.s.seed * 1_000_003 + self.batch_index * 10_007 + self.calls
             with torch.no_grad():
                 proj = self.s.glp.project(edited.float(), t_start=self.s.t_start, steps=self.s.steps,
-                                          schedule=self.s.schedule, seed=seed)
+                                          schedule=self.s.schedule, seed=seed, site=self.s.site)
             edited = proj.to(device=act.device, dtype=act.dtype)
         self.n_edited += int(rows.shape[0])
         out = act.clone()
         out[sel] = edited
         return out
+
+
+@contextmanager
+def apply_steering(model: Any, steering: Steering) -> Iterator[SteeringHook]:
+    """Context manager: every forward pass inside is steered (the first call counts as the prompt)."""
+    from innards.models.hooks import edit
+
+    hook = SteeringHook(steering)
+    with edit(model, {steering.site: hook}):
+        yield hook
 
 
 def _cut(ids: list[int], eos: set[int]) -> tuple[list[int], bool]:
@@ -124,6 +136,11 @@ def generate_steered(model: Any, prompts: list[str], steering: Steering | None =
         raise InnardsError("max-new-tokens must be at least 1")
     if temperature < 0:
         raise InnardsError("temperature must be >= 0 (0 is greedy)")
+    if batch_size < 1:
+        raise InnardsError("batch size must be at least 1")
+    if not (hasattr(model, "generate") and getattr(model, "can_generate", lambda: False)()):
+        raise InnardsError(f"model {getattr(model, 'innards_source', {}).get('name', '')} cannot generate text "
+                           "(an encoder?); steered generation needs a causal LM")
     tok = model.tokenizer
     device = next(model.parameters()).device
     pid = pad_id(tok)
@@ -132,7 +149,8 @@ def generate_steered(model: Any, prompts: list[str], steering: Steering | None =
     if tok.eos_token_id is not None:
         eos.add(int(tok.eos_token_id))
     hook = SteeringHook(steering) if steering is not None else None
-    gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=pid, use_cache=True)
+    # max_length=None: a checkpoint's default max_length would only trigger a warning next to max_new_tokens
+    gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, max_length=None, pad_token_id=pid, use_cache=True)
     if eos:
         gen_kwargs["eos_token_id"] = sorted(eos)
     if temperature > 0:
@@ -147,7 +165,7 @@ def generate_steered(model: Any, prompts: list[str], steering: Steering | None =
         if b.input_ids.shape[1] == 0:
             raise InnardsError("a prompt tokenises to nothing")
         torch.manual_seed(seed * 1_000_003 + bi)
-        ctx = edit(model, {steering.site: hook}) if hook is not None else _null()
+        ctx = edit(model, {steering.site: hook}) if hook is not None else nullcontext()
         if hook is not None:
             hook.start_batch(b.text_mask, bi)
         with ctx:
@@ -163,16 +181,8 @@ def generate_steered(model: Any, prompts: list[str], steering: Steering | None =
     return results
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
 def resolve_norm(site: str, norm: float | None = None, acts: str | None = None, glp: Any | None = None,
-                 stat: str = "mean_norm") -> tuple[float, str]:
+                 stat: str = "mean_norm", model: Any | None = None) -> tuple[float, str]:
     """||a||, the scale of one unit of strength, and where it came from (--norm, a store, or the GLP's statistics)."""
     import math
 
@@ -185,7 +195,15 @@ def resolve_norm(site: str, norm: float | None = None, acts: str | None = None, 
     if acts:
         from innards.data.store import ActivationStore
 
-        st = ActivationStore(acts).stats(site)
+        store = ActivationStore(acts)
+        if model is not None:
+            from innards.steer.vectors import check_compatible
+
+            src = store.manifest.get("model") or {}
+            src = src if isinstance(src, dict) else {"name": str(src)}
+            check_compatible({"model": src.get("name"), "model_sha256": src.get("sha256"),
+                              "model_revision": src.get("revision")}, model, None, None, what=f"activation store {acts}")
+        st = store.stats(site)
         return float(st[stat]), f"store {acts} ({stat})"
     if glp is not None:
         st = (glp.meta.get("stats_by_site") or {}).get(site) or glp.meta.get("stats") or {}
@@ -226,7 +244,7 @@ def setup_steering(model: Any, site: str, vector: str, glp: str | Any | None = N
         g.check_compatible(model, s.name, s.width)
         g.to(next(model.parameters()).device).eval()
     if need_norm:
-        n, src = resolve_norm(s.name, norm, acts, g, norm_stat)
+        n, src = resolve_norm(s.name, norm, acts, g, norm_stat, model=model)
     else:
         n, src = (float(norm), "given") if norm else (1.0, "unused (strength 0)")
     return SteerSetup(model, s.name, sv, n, src, g)
@@ -248,12 +266,12 @@ class GenerateConfig:
     steps: int = 20
     schedule: Literal["exact", "grid"] = "exact"
     positions: Positions = "generated"
-    prompts: str = ""
+    prompts: str = "stories"
     max_new_tokens: int = 30
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int = 32
     dtype: str = "fp32"
     device: str | None = None
     out: str = "generations.jsonl"
@@ -267,7 +285,7 @@ class GenerateConfig:
         "t_start": "GLP projection start time (0 = identity, 1 = resample)",
         "schedule": "exact: paper (steps-1 evaluations); grid: reference code (20-point grid)",
         "positions": "generated | prompt | all | last (see innards.steer.generate)",
-        "prompts": "file of prompts, one per line",
+        "prompts": "file of prompts, one per line ('stories' = the packaged story openings)",
         "temperature": "0 = greedy",
     }
 
@@ -289,8 +307,6 @@ def steer_generate(cfg: GenerateConfig) -> Path:
     from innards.models.load import load_model
     from innards.steer.texts import read_prompts
 
-    if not cfg.prompts:
-        raise InnardsError("--prompts is required")
     prompts = read_prompts(cfg.prompts)
     out = Path(cfg.out)
     model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)

@@ -53,7 +53,7 @@ class SweepConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int = 32
     n_bootstrap: int = 10_000
     dtype: str = "fp32"
     device: str | None = None
@@ -89,12 +89,6 @@ def parse_strengths(values: Any) -> list[float]:
     return sorted(set(out))
 
 
-def _prompts_path(spec: str) -> Path:
-    if spec in ("stories", "story_openings"):
-        return Path(__file__).resolve().parent / "prompts" / "story_openings.txt"
-    return Path(spec)
-
-
 def _fingerprint(cfg: SweepConfig, vector_sha: str, glp_sha: str | None, prompts_sha: str, norm: float) -> str:
     keys = ("model", "site", "norm_stat", "t_start", "steps", "schedule", "positions", "max_new_tokens",
             "temperature", "top_p", "seed", "batch_size", "dtype")
@@ -115,7 +109,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     from innards.runlog import MetricsLog
     from innards.steer.evaluator import load_or_train_evaluator
     from innards.steer.generate import Steering, generate_steered, setup_steering, write_jsonl
-    from innards.steer.texts import read_prompts
+    from innards.steer.texts import prompts_path, read_prompts
 
     strengths = parse_strengths(cfg.strengths)
     methods = list(dict.fromkeys(str(m).strip().lower() for m in cfg.methods))
@@ -126,7 +120,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
         raise InnardsError("method glp needs --glp DIR (or --methods raw)")
     if cfg.n_bootstrap < 100:
         raise InnardsError("n-bootstrap must be at least 100")
-    ppath = _prompts_path(cfg.prompts)
+    ppath = prompts_path(cfg.prompts)
     prompts = read_prompts(ppath)
     out = Path(cfg.out)
 

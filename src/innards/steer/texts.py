@@ -21,8 +21,18 @@ def read_lines(path: str | Path, what: str = "text file") -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
+PACKAGED_PROMPTS = {"stories": "story_openings.txt", "story_openings": "story_openings.txt"}
+
+
+def prompts_path(spec: str | Path) -> Path:
+    """A prompts file path; the names in PACKAGED_PROMPTS ('stories') mean files shipped with innards."""
+    name = PACKAGED_PROMPTS.get(str(spec))
+    return Path(__file__).resolve().parent / "prompts" / name if name else Path(spec)
+
+
 def read_prompts(path: str | Path) -> list[str]:
-    """Prompts, one per line; an empty file is an error."""
+    """Prompts, one per line ('stories' = the packaged story openings); an empty file is an error."""
+    path = prompts_path(path)
     prompts = read_lines(path, "prompts file")
     if not prompts:
         raise InnardsError(f"prompts file {path} holds no prompts")

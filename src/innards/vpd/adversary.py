@@ -93,7 +93,7 @@ def fresh_pgd(decomp: Decomposition, x: torch.Tensor, clean: torch.Tensor, g: di
         leaves = {n: s.clone().requires_grad_(True) for n, s in src.items()}
         loss = adv_loss(decomp, x, clean, g, leaves, kind, use_delta, **kw)
         grads = torch.autograd.grad(loss, list(leaves.values()))
-        trace.append(float(loss))
+        trace.append(float(loss.detach()))
         with torch.no_grad():
             for (n, s), gr in zip(src.items(), grads):
                 if world > 1:

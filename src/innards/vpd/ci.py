@@ -12,6 +12,41 @@ from innards.vpd.components import Decomposition
 from innards.vpd.config import CIConfig
 
 
+class _CompMLP(torch.autograd.Function):
+    """Fused per-component MLP z_c = Σ_g w2[c,g]·gelu(h_c·w1[c,g] + b1[c,g]) + b2[c] in a (C, G, N) layout.
+
+    Hand-written backward: autograd's broadcasting version spends most of a TMS step in strided
+    elementwise kernels; batched matmuls over the component axis are about twice as fast.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w1, b1, w2, b2):  # type: ignore[override]
+        ht = h.t().contiguous().unsqueeze(1)  # (C, 1, N): the batch axis innermost keeps kernels contiguous
+        pre = torch.addcmul(b1.unsqueeze(-1), w1.unsqueeze(-1), ht)  # (C, G, N)
+        a = F.gelu(pre)
+        z = torch.bmm(w2.unsqueeze(1), a).squeeze(1).t() + b2  # (N, C)
+        ctx.save_for_backward(ht, pre, a, w1, w2)
+        return z
+
+    @staticmethod
+    def backward(ctx, dz):  # type: ignore[override]
+        ht, pre, a, w1, w2 = ctx.saved_tensors
+        dzt = dz.t().contiguous().unsqueeze(1)  # (C, 1, N)
+        dw2 = torch.bmm(a, dzt.transpose(1, 2)).squeeze(-1)
+        db2 = dz.sum(0)
+        dpre = torch.ops.aten.gelu_backward(w2.unsqueeze(-1) * dzt, pre)
+        dh = torch.bmm(w1.unsqueeze(1), dpre).squeeze(1).t()
+        dw1 = torch.bmm(dpre, ht.transpose(1, 2)).squeeze(-1)
+        db1 = dpre.sum(-1)
+        return dh, dw1, db1, dw2, db2
+
+
+def component_mlp(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """Per-component scalar MLPs on h (..., C) -> CI logits (..., C)."""
+    lead = h.shape[:-1]
+    return _CompMLP.apply(h.reshape(-1, h.shape[-1]), w1, b1, w2, b2).reshape(*lead, -1)
+
+
 class PerComponentMLP(nn.Module):
     """One tiny MLP per subcomponent on its scalar inner activation x·V_c (1 -> d_gate -> 1, GELU)."""
 
@@ -34,8 +69,7 @@ class PerComponentMLP(nn.Module):
         for i, c in enumerate(decomp.components):
             V = c.V.detach() if detach else c.V
             h = inputs[c.name] @ V
-            hid = F.gelu(torch.addcmul(self.b1[i], h.unsqueeze(-1), self.w1[i]))
-            out[c.name] = torch.einsum("...cg,cg->...c", hid, self.w2[i]) + self.b2[i]
+            out[c.name] = component_mlp(h, self.w1[i], self.b1[i], self.w2[i], self.b2[i])
         return out
 
 

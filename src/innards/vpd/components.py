@@ -99,6 +99,7 @@ class _State:
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     acts: dict[str, torch.Tensor] | None = None  # inner acts x V, recorded when asked
     act_fn: Any = None  # optional fn(name, h) -> h applied to inner acts (attribution graphs)
+    explicit_delta: bool = False  # y = (h ⊙ m) U + m_Δ·x Δᵀ + b with a detached Δ, so y depends on h even at m = m_Δ = 1
 
 
 class Decomposition(nn.Module):
@@ -155,7 +156,13 @@ class Decomposition(nn.Module):
             if st.acts is not None:
                 st.acts[comp.name] = h
             b = comp.bias()
-            if spec.delta is None:
+            if st.explicit_delta:
+                y = (h * spec.m) @ comp.U
+                if spec.delta is not None:
+                    y = y + spec.delta.unsqueeze(-1) * (x @ comp.delta().detach().t())
+                if b is not None:
+                    y = y + b
+            elif spec.delta is None:
                 y = (h * spec.m) @ comp.U
                 if b is not None:
                     y = y + b
@@ -170,6 +177,8 @@ class Decomposition(nn.Module):
         return hook
 
     def run_target(self, x: torch.Tensor, **kw: Any) -> torch.Tensor:
+        if hasattr(self.target, "config") and getattr(self.target.config, "use_cache", None) is not None:
+            kw.setdefault("use_cache", False)  # HF language models: no KV cache during decomposition
         out = self.target(x, **kw)
         return out.logits if hasattr(out, "logits") else out
 
@@ -184,9 +193,10 @@ class Decomposition(nn.Module):
             self._state = None
 
     def masked(self, x: torch.Tensor, masks: dict[str, Mask], record: bool = False, act_fn: Any = None,
-               **kw: Any) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               explicit_delta: bool = False, **kw: Any) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Output with the given masks; matrices absent from ``masks`` use the frozen weight."""
-        self._state = _State("mask", masks=masks, acts={} if record else None, act_fn=act_fn)
+        self._state = _State("mask", masks=masks, acts={} if record else None, act_fn=act_fn,
+                             explicit_delta=explicit_delta)
         try:
             out = self.run_target(x, **kw)
             return (out, self._state.acts) if record else out

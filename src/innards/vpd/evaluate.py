@@ -109,7 +109,7 @@ def evaluate_built(b: Any, data: Any, n_batches: int, batch_size: int, pgd_steps
     res["dead"] = {c.name: c.C - res["alive"][c.name] for c in b.decomp.components}
     res["alive_total"] = sum(res["alive"].values())
     res["C"] = {c.name: c.C for c in b.decomp.components}
-    res["delta_l2"] = float(b.decomp.delta_l2())
+    res["delta_l2"] = float(b.decomp.delta_l2().detach())
     res["pgd"] = {"steps": pgd_steps, "step_size": pgd_step_size,
                   "trace": [sum(t[i] for t in pgd_traces) / len(pgd_traces) for i in range(len(pgd_traces[0]))]}
     res["threshold"] = threshold

@@ -76,7 +76,8 @@ def load_target(cfg: VPDConfig, run_dir: Path | None, model: str | None = None) 
     for p in toy.parameters():
         p.requires_grad_(False)
     meta = read_json(run_dir / TARGET_META, "target metadata") if (run_dir / TARGET_META).is_file() else {}
-    return toy, meta
+    # the fingerprint of the weights actually loaded, so a swapped target is noticed
+    return toy, {"name": cfg.target.kind, "training": meta.get("training"), "fingerprint": target_fingerprint(toy)}
 
 
 def build(cfg: VPDConfig, target: nn.Module, target_info: dict[str, Any]) -> Built:

@@ -268,6 +268,7 @@ def train(cfg: VPDConfig, stop_at: int | None = None, progress: bool = True) -> 
     ``stop_at`` ends the run early after writing a checkpoint at that step (used to test exact resume).
     """
     dist = init_dist()
+    torch.set_flush_denormal(True)  # tiny CI gradients otherwise hit slow denormal arithmetic on CPU
     out = Path(cfg.out)
     ckpt_exists = (out / CKPT / "state.json").is_file()
     if cfg.resume:

@@ -1,0 +1,272 @@
+"""Benchmark: GLP training throughput and MFU, memory, and sample quality against solver evaluations.
+
+Throughput is measured on the real trainer (``train_glp``) reading a store on disk, in a fresh child
+process so that its peak RSS is the trainer's own; the child then times bf16 (or fp32, whichever the
+trainer used) matrix products of the model's own shapes and keeps the fastest as the peak, so MFU =
+6 N (activations/s) / peak compares like with like on the same machine in the same minute. The
+first logged interval (warm-up, compilation) is excluded from the throughput.
+
+``fd_by_nfe``: a GLP (``--glp``, or one trained here for ``fd_train_steps``) samples ``fd_n``
+activations from the same noise with Euler and Heun on a uniform time grid and on a shifted grid
+(denser near t = 0) at each number of network evaluations; the Fréchet distance to the store's
+held-out rows is reported, with the train-vs-held-out floor for scale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from innards.errors import InnardsError
+
+SHARED_TEXT = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "corpus" / "children-pd"
+
+
+@dataclass
+class BenchGLPConfig:
+    """What to benchmark."""
+
+    acts: str | None = None
+    glp: str | None = None
+    model: str = "demo"
+    site: str | None = None
+    text: str | None = None
+    tokens: int = 400_000
+    depth: int = 3
+    batch_size: int = 4096
+    steps: int = 40
+    log_every: int = 5
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    compile: bool = False
+    threads: int | None = None
+    fd_n: int = 4096
+    fd_train_steps: int = 1500
+    fd_lr: float = 1e-3
+    nfe: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 1000])
+    schedules: list[str] = field(default_factory=lambda: ["uniform", "shift"])
+    out: str | None = None
+    seed: int = 0
+
+    __field_help__ = {
+        "acts": "activation store to train from (default: harvest --tokens rows of --model's middle layer)",
+        "glp": "GLP folder to sample from for fd_by_nfe (default: train one on the store)",
+        "site": "site to harvest (default: resid_post of the middle block)",
+        "text": "text to harvest (default: ../shared/data children's books when present, else random tokens)",
+        "steps": "optimiser steps timed for the throughput",
+        "threads": "torch threads in the timed child (default: torch's default)",
+        "fd_n": "samples (and held-out rows) per Fréchet distance",
+        "fd_train_steps": "steps of the GLP trained for fd_by_nfe when --glp is not given",
+        "nfe": "numbers of network evaluations for fd_by_nfe",
+        "schedules": "time grids for fd_by_nfe: uniform, shift",
+        "out": "work folder (default: a temporary folder, removed afterwards)",
+    }
+
+
+def _peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+def matmul_peak(shapes: list[tuple[int, int, int]], dtype: torch.dtype, device: torch.device, seconds: float = 0.5) -> float:
+    """Fastest FLOP/s over plain (m, k) @ (k, n) products of the given shapes and dtype."""
+    best = 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, dtype=dtype, device=device)
+        b = torch.randn(k, n, dtype=dtype, device=device)
+        for _ in range(2):
+            a @ b
+        reps, t0 = 0, time.perf_counter()
+        while True:
+            a @ b
+            reps += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            if dt > seconds and reps >= 3:
+                break
+        best = max(best, 2.0 * m * k * n * reps / dt)
+    return best
+
+
+def model_shapes(d_in: int, d_model: int, d_mlp: int, n_blocks: int, batch: int) -> list[tuple[int, int, int]]:
+    """The GEMM shapes of one training step (forward, input grads and weight grads)."""
+    fwd = [(batch, d_in, d_model), (batch, d_model, 2 * d_mlp), (batch, d_model, n_blocks * d_mlp), (batch, d_mlp, d_model)]
+    out = []
+    for m, k, n in fwd:
+        out += [(m, k, n), (m, n, k), (k, m, n)]
+    return out
+
+
+def _child_train(args: dict[str, Any]) -> dict[str, Any]:
+    """Run in a fresh process: train, sample RSS, then measure the matmul peak of the same shapes."""
+    from innards.glp.model import GLP
+    from innards.glp.train import GLPTrainConfig, train_glp
+    from innards.runlog import read_metrics
+
+    if args.get("threads"):
+        torch.set_num_threads(int(args["threads"]))
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            samples.append(_rss_mb())
+            time.sleep(0.1)
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    cfg = GLPTrainConfig(**args["train"])
+    out = train_glp(cfg)
+    stop.set()
+    th.join()
+    recs = [r for r in read_metrics(out) if r.get("act_per_s")]
+    timed = recs[1:] if len(recs) > 1 else recs
+    # every interval holds the same rows (log_every x batch), so the harmonic mean is the overall rate
+    rate = len(timed) / sum(1.0 / r["act_per_s"] for r in timed) if timed else float("nan")
+    glp = GLP.from_pretrained(out)
+    c = glp.config
+    state = json.loads((out / "resume" / "state.json").read_text())
+    dtype = torch.bfloat16 if state["precision"] == "bf16" else torch.float32
+    peak = matmul_peak(model_shapes(c.d_in, c.d_model, c.d_mlp, c.n_blocks, cfg.batch_size), dtype, torch.device("cpu")
+                       if not torch.cuda.is_available() else torch.device("cuda"))
+    n = glp.n_params
+    flops = 6.0 * n * rate
+    k = max(1, len(samples) // 10)
+    return {"train_activations_per_s": rate, "train_flops_per_s": flops, "matmul_peak_flops_per_s": peak,
+            "mfu": flops / peak if peak else None, "precision": state["precision"], "n_params": n,
+            "peak_rss_mb": _peak_rss_mb(),
+            "rss_mb_early": sum(samples[k:2 * k]) / k if len(samples) >= 2 * k else None,
+            "rss_mb_late": sum(samples[-k:]) / k if samples else None,
+            "threads": torch.get_num_threads(), "timed_steps": len(timed) * cfg.log_every}
+
+
+def _default_text(tokens: int, context: int = 256) -> str:
+    if SHARED_TEXT.is_dir():
+        return str(SHARED_TEXT / "children-pd-00.txt.gz")
+    return f"random:{math.ceil(tokens / (context - 1)) + 1}"
+
+
+def _store(cfg: BenchGLPConfig, work: Path) -> Path:
+    if cfg.acts:
+        return Path(cfg.acts)
+    from innards.data.harvest import HarvestConfig, harvest
+    from innards.models.load import load_model
+    from innards.models.sites import n_layers
+
+    site = cfg.site
+    model = load_model(cfg.model)
+    if site is None:
+        site = f"blocks.{n_layers(model) // 2 - 1}.resid_post"
+    out = work / "store"
+    harvest(HarvestConfig(model=cfg.model, site=[site], text=cfg.text or _default_text(cfg.tokens), tokens=cfg.tokens,
+                          out=str(out), dtype="bf16", val_fraction=0.05, seed=cfg.seed), model=model)
+    return out
+
+
+def fd_by_nfe(glp: Any, real: torch.Tensor, nfes: list[int], schedules: list[str], seed: int = 0) -> dict[str, dict[int, float]]:
+    """{solver[+schedule]: {nfe: FD of glp samples vs real}}, all from the same initial noise."""
+    from innards.glp import schedule as sch
+    from innards.glp.fd import frechet_distance
+
+    out: dict[str, dict[int, float]] = {}
+    for schedule in schedules:
+        for solver in ("euler", "heun"):
+            key = solver if schedule == "uniform" else f"{solver}_{schedule}"
+            out[key] = {}
+            for nfe in nfes:
+                steps = sch.steps_for_nfe(nfe, solver)
+                x = glp.sample(real.shape[0], steps=steps, solver=solver, seed=seed, schedule=schedule)
+                out[key][nfe] = frechet_distance(x, real)
+    return out
+
+
+def bench_glp(cfg: BenchGLPConfig) -> dict[str, Any]:
+    """Run the benchmark; returns the JSON-able result."""
+    from innards.data.store import ActivationStore
+    from innards.glp.fd import frechet_distance
+    from innards.glp.model import GLP
+    from innards.glp.train import GLPTrainConfig, train_glp
+
+    if cfg.steps < 2 * cfg.log_every:
+        raise InnardsError(f"--steps must be at least {2 * cfg.log_every} (the first {cfg.log_every} are warm-up)")
+    work = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="innards-bench-glp-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        store_dir = _store(cfg, work)
+        store = ActivationStore(store_dir)
+        t0 = time.perf_counter()
+        train = dict(acts=str(store_dir), out=str(work / "throughput"), depth=cfg.depth, batch_size=cfg.batch_size,
+                     steps=cfg.steps, log_every=cfg.log_every, val_every=10**9, checkpoints=1, save_every=10**9,
+                     precision=cfg.precision, compile=cfg.compile, seed=cfg.seed, val_rows=0, overwrite=True,
+                     progress=False)
+        spec = work / "child.json"
+        spec.write_text(json.dumps({"train": train, "threads": cfg.threads}))
+        r = subprocess.run([sys.executable, "-m", "innards.bench.glp", "--child", str(spec)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"benchmark child failed:\n{r.stderr[-3000:]}")
+        result: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+        result["throughput_wall_s"] = time.perf_counter() - t0
+        result["store_rows"] = len(store)
+        result["width"] = store.width(store.sites[0])
+
+        # sample quality against solver evaluations
+        if cfg.glp:
+            glp = GLP.from_pretrained(cfg.glp)
+        else:
+            fd_out = train_glp(GLPTrainConfig(acts=str(store_dir), out=str(work / "fd_glp"), depth=cfg.depth,
+                                              batch_size=min(cfg.batch_size, 1024), steps=cfg.fd_train_steps, lr=cfg.fd_lr,
+                                              precision=cfg.precision, seed=cfg.seed, checkpoints=1, val_rows=2048,
+                                              overwrite=True))
+            glp = GLP.from_pretrained(fd_out)
+        import numpy as np
+
+        val_idx = store.split_rows("val")
+        rng = np.random.default_rng(cfg.seed)
+        n = min(cfg.fd_n, len(val_idx))
+        real = store.rows(np.sort(rng.choice(val_idx, n, replace=False)), site=glp.meta["site"])
+        tr_idx = store.split_rows("train")
+        floor = frechet_distance(store.rows(np.sort(rng.choice(tr_idx, n, replace=False)), site=glp.meta["site"]), real)
+        with torch.inference_mode():
+            fds = fd_by_nfe(glp, real, cfg.nfe, cfg.schedules, seed=cfg.seed)
+        ref = {k: v[max(cfg.nfe)] for k, v in fds.items()}
+        best = None
+        for k, v in fds.items():
+            for nfe, fd in v.items():
+                rel = fd / min(ref.values()) - 1.0
+                if nfe <= 8 and (best is None or fd < best["fd"]):
+                    best = {"solver": k, "nfe": nfe, "fd": fd, "rel_to_best_max_nfe": rel}
+        result.update({"fd_by_nfe": fds, "fd_floor_train_vs_val": floor, "fd_n": n, "fd_glp_val_loss":
+                       glp.meta.get("training", {}).get("val_loss"), "best_at_most_8_nfe": best,
+                       "fd_within_10pct_at_8_nfe": bool(best and best["rel_to_best_max_nfe"] <= 0.10)})
+        result["config"] = {k: getattr(cfg, k) for k in ("depth", "batch_size", "steps", "precision", "compile", "threads")}
+        return result
+    finally:
+        if not cfg.out:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        res = _child_train(json.loads(Path(sys.argv[2]).read_text()))
+        print(json.dumps(res))

@@ -1,0 +1,526 @@
+"""Streaming mode: a producer process harvests while the trainer consumes, through a bounded disk buffer.
+
+Layout of the buffer folder (``OUT/stream``)::
+
+    spec.json                     what the producer harvests (written by the trainer)
+    warmup.json, stats.safetensors, val.safetensors
+                                  the warm-up pass: float64 statistics and the validation rows
+    shards/shard_XXXXXXXX.safetensors
+                                  training rows in stream order: acts (n, d), doc, pos, tok
+    ledger.json                   the producer's progress (next shard, rows, peak buffer bytes)
+    buffer_full                   present while the producer waits for room
+    end.json | error.json         the producer finished | failed (type, message, traceback)
+    producer.log                  the producer's stdout and stderr
+
+Guarantees and how they are kept:
+- *Disk bound.* A shard is serialised in memory first, so its exact size is known; the producer writes
+  it only when the shards on disk plus it fit under the bound, and the trainer only deletes. The
+  design needs two shards of room (one being read, one being written): a smaller bound is refused.
+- *Exactly once.* Rows are numbered in stream order; every shard but the last holds exactly
+  ``shard_rows`` rows, so row r lives in shard r // shard_rows. The trainer takes consecutive rows
+  of a fixed order (each shard permuted by a generator seeded with (seed, shard)) and records only
+  the next row number in its resume state. A shard is deleted only after a saved resume state has
+  moved past it; when the producer is blocked on a full buffer, the trainer saves one at the current
+  step boundary (``set_commit_hook``). A restarted producer continues after its ledger's last shard.
+- *Failures.* The producer writes error.json and exits non-zero; the trainer re-raises the error
+  (InnardsError stays InnardsError); a producer that dies without a word is reported too.
+
+What the statistics are: float64 moments of the training-document rows among the first
+``stats_rows`` activations of the stream (a warm-up pass; those rows are harvested again for training,
+which costs that much extra harvesting). Validation rows come from held-out documents (the store's
+per-document hash split with ``val_fraction``) met during the warm-up, at most ``val_rows`` of them;
+validation documents are never trained on. Shuffling is within each shard only (as the reference
+does); a store on disk gives a global shuffle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from innards.errors import InnardsError
+from innards.io import atomic_write_bytes, read_json, write_json
+
+SHARDS = "shards"
+POLL_S = 0.05
+
+
+class StreamExhausted(Exception):
+    """The text ran out: the producer has finished and every row has been handed out."""
+
+
+class _Stopped(Exception):
+    """The trainer asked a thread-mode producer to stop."""
+
+
+def _check_stop(stop: threading.Event | None, ppid: int | None) -> None:
+    if stop is not None and stop.is_set():
+        raise _Stopped()
+    if ppid is not None and os.getppid() != ppid:  # the trainer is gone: nobody will consume or free room
+        raise InnardsError("the trainer exited; stopping the stream producer")
+
+
+def shard_path(root: Path, seq: int) -> Path:
+    """Path of shard number ``seq``."""
+    return root / SHARDS / f"shard_{seq:08d}.safetensors"
+
+
+def _shard_seq(p: Path) -> int | None:
+    if p.name.startswith("shard_") and p.name.endswith(".safetensors"):
+        try:
+            return int(p.name[6:14])
+        except ValueError:
+            return None
+    return None
+
+
+def used_bytes(root: Path) -> int:
+    """Bytes the shard buffer occupies now (committed shards and any file being written)."""
+    total = 0
+    d = root / SHARDS
+    if not d.is_dir():
+        return 0
+    for p in d.iterdir():
+        try:
+            total += p.stat().st_size
+        except FileNotFoundError:  # deleted by the trainer meanwhile
+            pass
+    return total
+
+
+def shard_bytes_estimate(rows: int, width: int, dtype: str) -> int:
+    """Upper bound of one shard's file size (activations, provenance, header)."""
+    item = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+    return rows * (width * item + 16) + 4096
+
+
+# ===================================================================== producer (own process)
+def _write_error(root: Path, e: BaseException) -> None:
+    kind = "InnardsError" if isinstance(e, InnardsError) else type(e).__name__
+    try:
+        write_json(root / "error.json", {"type": kind, "message": str(e).splitlines()[0] if str(e) else kind,
+                                        "traceback": traceback.format_exc()})
+    except OSError:
+        pass
+
+
+def _val_flags(batch_doc: np.ndarray, names: dict[int, str], cache: dict[int, bool], seed: int, fraction: float) -> np.ndarray:
+    from innards.data.harvest import is_val
+
+    out = np.empty(len(batch_doc), dtype=bool)
+    for i, d in enumerate(batch_doc):
+        d = int(d)
+        if d not in cache:
+            cache[d] = is_val(names.get(d) or str(d), seed, fraction)[0] if fraction > 0 else False
+        out[i] = cache[d]
+    return out
+
+
+def _harvest_config(spec: dict[str, Any]) -> Any:
+    from innards.data.harvest import HarvestConfig
+
+    return HarvestConfig(model=spec["model"], site=[spec["site"]], text=spec["text"], tokens=max(1, spec["target_rows"]),
+                         out=spec["dir"], context=spec.get("context"), batch_size=spec["harvest_batch"], dtype=spec["dtype"],
+                         shard_tokens=spec["shard_rows"], val_fraction=spec["val_fraction"], seed=spec["seed"],
+                         model_dtype=spec["model_dtype"], device=spec.get("device"))
+
+
+def _warmup(p: Any, spec: dict[str, Any], root: Path, stop: threading.Event | None, ppid: int | None) -> None:
+    """Statistics over the stream's first rows and the validation rows; nothing goes to the buffer."""
+    from innards.data.harvest import batches, capture_rows
+    from innards.data.stats import Moments
+    from innards.io import save_tensors
+
+    site = p.sites[0]
+    want_stats, want_val = int(spec["stats_rows"]), int(spec["val_rows"])
+    mom = Moments.empty(site.width)
+    val: list[torch.Tensor] = []
+    n_val = n_seen = bad = 0
+    names: dict[int, str] = {}
+    cache: dict[int, bool] = {}
+    with torch.inference_mode():
+        for batch in batches(p, names):
+            _check_stop(stop, ppid)
+            x = capture_rows(p.model, p.sites, batch)[site.name].float().cpu()
+            flags = torch.from_numpy(_val_flags(batch.doc, names, cache, spec["seed"], spec["val_fraction"]))
+            ok = torch.isfinite(x).all(-1)
+            bad += int((~ok).sum())
+            tr = x[~flags & ok][: max(0, want_stats - mom.count)]
+            if tr.shape[0]:
+                mom.update(tr.double())
+            n_seen += int((~flags).sum())
+            if n_val < want_val:
+                v = x[flags & ok][: want_val - n_val]
+                val.append(v)
+                n_val += v.shape[0]
+            if mom.count >= want_stats and n_val >= want_val:
+                break
+    if bad and spec["nonfinite"] == "refuse":
+        raise InnardsError(f"{bad} activation rows with NaN or inf in the stream's warm-up pass; refusing to train on them "
+                           "(--nonfinite skip drops them)")
+    if mom.count == 0:
+        raise InnardsError(f"text source '{spec['text']}' gave no training activations")
+    st = mom.summary()
+    save_tensors(root / "stats.safetensors", {"mean": torch.from_numpy(st["mean"]), "var": torch.from_numpy(st["var"])})
+    save_tensors(root / "val.safetensors", {"acts": torch.cat(val) if val else torch.zeros(0, site.width)})
+    from innards.models.sites import site_metadata
+
+    write_json(root / "warmup.json", {
+        "width": site.width, "site": site.name, "site_info": [site_metadata(p.model, site)],
+        "model": {**(getattr(p.model, "innards_source", {}) or {})}, "index_convention": p.plan["index_convention"],
+        "count": st["count"], "mean_norm": st["mean_norm"], "rms_norm": st["rms_norm"], "val_rows": n_val,
+        "nonfinite_rows": bad,
+        "note": f"float64 moments of the training-document rows among the first {want_stats} of the stream"})
+
+
+def _wait_for_room(root: Path, need: int, bound: int, stop: threading.Event | None, ppid: int | None) -> int:
+    flag = root / "buffer_full"
+    waited = False
+    while True:
+        used = used_bytes(root)
+        if used + need <= bound:
+            if waited:
+                flag.unlink(missing_ok=True)
+            return used
+        if not waited:
+            flag.touch()
+            waited = True
+        _check_stop(stop, ppid)
+        time.sleep(POLL_S)
+
+
+def _produce(p: Any, spec: dict[str, Any], root: Path, stop: threading.Event | None, ppid: int | None) -> None:
+    """Write the training rows as shards of exactly shard_rows rows, waiting for room under the bound."""
+    from safetensors.torch import save as st_save
+
+    from innards.data.harvest import batches, capture_rows
+
+    site = p.sites[0]
+    R, target, bound = int(spec["shard_rows"]), int(spec["target_rows"]), int(spec["bound_bytes"])
+    ledger_path = root / "ledger.json"
+    ledger = read_json(ledger_path, "stream ledger") if ledger_path.is_file() else {"next_seq": 0, "max_bytes": 0}
+    seq = int(ledger["next_seq"])
+    while shard_path(root, seq).is_file():  # committed after the last ledger write
+        seq += 1
+    for stale in (root / SHARDS).glob(".*"):  # a write cut short by a crash
+        stale.unlink(missing_ok=True)
+    done = seq * R  # every shard before seq is full
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec["dtype"]]
+    buf: list[tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]] = []
+    fill = 0
+    max_bytes = int(ledger.get("max_bytes", 0))
+
+    def commit(final: bool = False) -> None:
+        nonlocal seq, fill, buf, max_bytes
+        if fill == 0:
+            return
+        acts = torch.cat([b[0] for b in buf])
+        doc, pos, tok = (np.concatenate([b[i] for b in buf]) for i in (1, 2, 3))
+        take = acts.shape[0] if final else R
+        tensors = {"acts": acts[:take].to(dtype).contiguous(), "doc": torch.from_numpy(doc[:take].astype(np.int64)),
+                   "pos": torch.from_numpy(pos[:take].astype(np.int32)), "tok": torch.from_numpy(tok[:take].astype(np.int32))}
+        data = st_save(tensors, metadata={"seq": str(seq), "rows": str(take), "first_row": str(seq * R)})
+        used = _wait_for_room(root, len(data), bound, stop, ppid)
+        atomic_write_bytes(shard_path(root, seq), data)  # the rename is the commit
+        max_bytes = max(max_bytes, used + len(data))
+        write_json(ledger_path, {"next_seq": seq + 1, "rows": seq * R + take, "max_bytes": max_bytes, "bound_bytes": bound})
+        seq += 1
+        buf = [(acts[take:], doc[take:], pos[take:], tok[take:])] if acts.shape[0] > take else []
+        fill = acts.shape[0] - take
+
+    names: dict[int, str] = {}
+    cache: dict[int, bool] = {}
+    seen = 0  # training rows of the stream so far, stored earlier or now
+    with torch.inference_mode():
+        for batch in batches(p, names):
+            _check_stop(stop, ppid)
+            if seen >= target:
+                break
+            flags = _val_flags(batch.doc, names, cache, spec["seed"], spec["val_fraction"])
+            keep = ~flags
+            n = int(keep.sum())
+            if seen + n <= done:  # already in committed shards: replay the text without the model
+                seen += n
+                continue
+            x = capture_rows(p.model, p.sites, batch)[site.name].float().cpu()[torch.from_numpy(keep)]
+            lo, hi = max(0, done - seen), min(n, target - seen)
+            buf.append((x[lo:hi], batch.doc[keep][lo:hi], batch.pos[keep][lo:hi], batch.tok[keep][lo:hi]))
+            fill += hi - lo
+            seen += n
+            while fill >= R:
+                commit()
+    commit(final=True)
+    write_json(root / "end.json", {"shards": seq, "rows": min(seen, target), "target_rows": target,
+                                   "exhausted": seen < target, "max_bytes": max_bytes})
+
+
+def producer_main(spec_path: str | Path, stop: threading.Event | None = None) -> int:
+    """The producer: warm-up pass, then shards until the target (or the text) ends; 0 on success.
+
+    In its own process (the default) it watches for the trainer's exit; in a thread it watches ``stop``.
+    Every failure is written to error.json for the trainer to re-raise.
+    """
+    root = Path(spec_path).parent
+    ppid = int(os.environ["INNARDS_STREAM_PARENT"]) if stop is None and "INNARDS_STREAM_PARENT" in os.environ else None
+    try:
+        from innards.data.harvest import prepare
+
+        spec = read_json(spec_path, "stream spec")
+        p = prepare(_harvest_config(spec))
+        width = p.sites[0].width
+        one = shard_bytes_estimate(int(spec["shard_rows"]), width, spec["dtype"])
+        if int(spec["bound_bytes"]) < 2 * one:
+            raise InnardsError(f"--buffer-gb {spec['bound_bytes'] / 1e9:g} is too small: the stream keeps two shards of "
+                               f"{spec['shard_rows']} activations x {width} ({one / 1e6:.2f} MB each) on disk; raise "
+                               "--buffer-gb or lower --shard-rows")
+        p.source.prepare(0, 1)
+        if not (root / "warmup.json").is_file():
+            _warmup(p, spec, root, stop, ppid)
+        (root / SHARDS).mkdir(exist_ok=True)
+        _produce(p, spec, root, stop, ppid)
+        return 0
+    except _Stopped:
+        return 0
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the trainer
+        _write_error(root, e)
+        print(traceback.format_exc(), file=sys.stderr, flush=True)
+        return 2 if isinstance(e, InnardsError) else 1
+
+
+# ===================================================================== consumer (trainer side)
+class StreamSource:
+    """The trainer's view of the stream: batches in a fixed order, resumable, deleting what is safe."""
+
+    def __init__(self, root: str | Path, spec: dict[str, Any], batch_rows: int, resume: bool = False,
+                 timeout_s: float | None = None, producer: str = "process"):
+        self.root = Path(root)
+        self.spec = spec
+        self.R = int(spec["shard_rows"])
+        self.B = int(batch_rows)
+        self.seed = int(spec["seed"])
+        self.timeout_s = timeout_s
+        self.pos = 0  # next row number to hand out
+        self._hook = None
+        self._cache: dict[int, dict[str, torch.Tensor]] = {}
+        self._proc: subprocess.Popen | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        if producer not in ("process", "thread"):
+            raise InnardsError(f"unknown stream producer mode '{producer}' (choose process or thread)")
+        self.mode = producer
+        if not resume:
+            import shutil
+
+            shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "error.json").unlink(missing_ok=True)
+        (self.root / "buffer_full").unlink(missing_ok=True)
+        write_json(self.root / "spec.json", spec)
+        if not (self.root / "end.json").is_file():
+            self._start()
+        self._wait_for(self.root / "warmup.json", "the producer's warm-up pass")
+        self.warm = read_json(self.root / "warmup.json", "stream warm-up record")
+        self.sites = [self.warm["site"]]
+        self.width = int(self.warm["width"])
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "StreamSource":
+        """Start (or reattach to) the stream of a GLPTrainConfig with --stream."""
+        target = cfg.tokens if cfg.tokens is not None else cfg.steps * cfg.batch_size
+        if cfg.tokens is not None:
+            target = -(-cfg.tokens // cfg.batch_size) * cfg.batch_size
+        if cfg.buffer_gb <= 0:
+            raise InnardsError("--buffer-gb must be positive")
+        spec = {"model": cfg.model, "site": cfg.site, "text": cfg.text, "context": cfg.context,
+                "harvest_batch": cfg.harvest_batch, "dtype": cfg.stream_dtype, "model_dtype": cfg.model_dtype,
+                "device": cfg.device, "shard_rows": cfg.shard_rows, "bound_bytes": int(cfg.buffer_gb * 1e9),
+                "target_rows": int(target), "stats_rows": cfg.stats_rows, "val_rows": cfg.val_rows,
+                "val_fraction": cfg.val_fraction, "seed": cfg.seed, "nonfinite": cfg.nonfinite}
+        root = Path(cfg.out) / "stream"
+        return cls(root, {**spec, "dir": str(root)}, cfg.batch_size, resume=cfg.resume, producer=cfg.stream_producer)
+
+    # ----- producer lifecycle
+    def _start(self) -> None:
+        if self.mode == "thread":
+            self._thread = threading.Thread(target=producer_main, args=(self.root / "spec.json", self._stop),
+                                            name="innards-stream-producer", daemon=True)
+            self._thread.start()
+            return
+        env = dict(os.environ, INNARDS_STREAM_PARENT=str(os.getpid()))
+        log = open(self.root / "producer.log", "ab")
+        try:
+            self._proc = subprocess.Popen([sys.executable, "-m", "innards.glp.stream", str(self.root / "spec.json")],
+                                          stdout=log, stderr=subprocess.STDOUT, env=env)
+        finally:
+            log.close()
+
+    def _check_producer(self) -> None:
+        err = self.root / "error.json"
+        if err.is_file():
+            e = read_json(err, "stream error record")
+            if e.get("type") == "InnardsError":
+                raise InnardsError(f"stream producer: {e.get('message')}")
+            raise RuntimeError(f"stream producer failed: {e.get('type')}: {e.get('message')}\n{e.get('traceback', '')}")
+        dead = (self._proc is not None and self._proc.poll() is not None) or (self._thread is not None and not self._thread.is_alive())
+        if dead and not (self.root / "end.json").is_file():
+            time.sleep(0.2)  # error.json is written before exit; give the file system a moment
+            if (self.root / "error.json").is_file():
+                return self._check_producer()
+            status = self._proc.returncode if self._proc is not None else "?"
+            raise RuntimeError(f"stream producer exited with status {status} without a result (see {self.root / 'producer.log'})")
+
+    def _wait_for(self, path: Path, what: str) -> None:
+        t0 = time.monotonic()
+        while not path.is_file():
+            self._check_producer()
+            if self.timeout_s is not None and time.monotonic() - t0 > self.timeout_s:
+                raise InnardsError(f"timed out waiting for {what}")
+            time.sleep(POLL_S)
+        self._check_producer()
+
+    def close(self) -> None:
+        """Stop the producer if it is still running (it has nothing left to do or the trainer failed)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        if self._proc is not None and self._proc.poll() is None:
+            try:
+                self._proc.wait(timeout=5 if (self.root / "end.json").is_file() else 0.01)
+            except subprocess.TimeoutExpired:
+                self._proc.terminate()
+                try:
+                    self._proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+        self._proc = None
+
+    # ----- Source protocol
+    def stats(self, site: str) -> dict[str, Any]:
+        from innards.io import load_tensors
+
+        t = load_tensors(self.root / "stats.safetensors", what="stream statistics")
+        return {"mean": t["mean"].numpy(), "var": t["var"].numpy(), "count": self.warm["count"],
+                "mean_norm": self.warm["mean_norm"], "rms_norm": self.warm["rms_norm"], "source": self.warm["note"]}
+
+    def meta(self) -> dict[str, Any]:
+        return {"model": self.warm["model"], "sites": self.sites, "site_info": self.warm["site_info"],
+                "index_convention": self.warm["index_convention"], "store": None,
+                "stream": {k: self.spec[k] for k in ("text", "context", "val_fraction", "stats_rows", "shard_rows")}}
+
+    def train_rows(self) -> int | None:
+        return None
+
+    def identity(self) -> dict[str, Any]:
+        return {"stream": str(self.root.resolve()), "model": self.spec["model"], "site": self.spec["site"],
+                "text": self.spec["text"]}
+
+    def val_batch(self, n: int, seed: int) -> torch.Tensor | None:
+        from innards.io import load_tensors
+
+        v = load_tensors(self.root / "val.safetensors", what="stream validation rows")["acts"]
+        return v[:n] if v.shape[0] else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pos = int(state["pos"])
+        self._cache.clear()
+        self.after_save(state)
+
+    def set_commit_hook(self, fn: Any) -> None:
+        """``fn()`` persists ``state_dict()``; called when consumed shards must go to make room."""
+        self._hook = fn
+
+    def after_save(self, state: dict[str, Any]) -> None:
+        """A resume state at row ``state['pos']`` is on disk: shards before its shard are no longer needed."""
+        keep_from = int(state["pos"]) // self.R
+        end = self.root / "end.json"
+        if end.is_file() and int(state["pos"]) >= int(read_json(end, "stream end record")["rows"]):
+            keep_from = 1 << 62  # every row handed out and saved: the buffer can go
+        d = self.root / SHARDS
+        if not d.is_dir():
+            return
+        for p in d.iterdir():
+            s = _shard_seq(p)
+            if s is not None and s < keep_from:
+                p.unlink(missing_ok=True)
+
+    # ----- batches
+    def _shard(self, seq: int, entry: int) -> dict[str, torch.Tensor] | None:
+        if seq in self._cache:
+            return self._cache[seq]
+        path = shard_path(self.root, seq)
+        t0 = time.monotonic()
+        asked = False
+        while not path.is_file():
+            self._check_producer()
+            end = self.root / "end.json"
+            if end.is_file() and seq >= int(read_json(end, "stream end record")["shards"]):
+                return None
+            if not asked and (self.root / "buffer_full").is_file() and self._deletable(entry):
+                # the producer waits for room that only a saved resume state can free
+                if self._hook is not None:
+                    self._hook()
+                self.after_save({"pos": entry})
+                asked = True
+            if self.timeout_s is not None and time.monotonic() - t0 > self.timeout_s:
+                raise InnardsError(f"timed out waiting for stream shard {seq}")
+            time.sleep(POLL_S)
+        from safetensors.torch import load_file
+
+        try:
+            t = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors has its own error types
+            raise InnardsError(f"stream shard {path} does not load: {str(e).splitlines()[0][:160]}") from None
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + seq)
+        t["perm"] = torch.randperm(t["acts"].shape[0], generator=g)
+        self._cache = {k: v for k, v in self._cache.items() if k >= seq - 1}
+        self._cache[seq] = t
+        return t
+
+    def _deletable(self, entry: int) -> bool:
+        d = self.root / SHARDS
+        return any((s := _shard_seq(p)) is not None and s < entry // self.R for p in d.iterdir()) if d.is_dir() else False
+
+    def next_with_index(self) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """The next batch (raw float32 rows) with each row's (document, position)."""
+        entry = self.pos
+        r = entry
+        xs, docs, poss = [], [], []
+        while r < entry + self.B:
+            seq, off = divmod(r, self.R)
+            t = self._shard(seq, entry)
+            if t is None or off >= t["acts"].shape[0]:
+                break
+            take = min(t["acts"].shape[0] - off, entry + self.B - r)
+            idx = t["perm"][off:off + take]
+            xs.append(t["acts"][idx].float())
+            docs.append(t["doc"][idx].numpy())
+            poss.append(t["pos"][idx].numpy())
+            r += take
+            if t["acts"].shape[0] < self.R and off + take == t["acts"].shape[0]:
+                break  # the last, partial shard is used up
+        if not xs:
+            raise StreamExhausted(f"the stream ended after {entry} activations")
+        self.pos = r
+        return torch.cat(xs), np.concatenate(docs), np.concatenate(poss)
+
+    def next_batch(self) -> torch.Tensor:
+        return self.next_with_index()[0]
+
+
+if __name__ == "__main__":
+    sys.exit(producer_main(sys.argv[1]))

@@ -1,0 +1,125 @@
+"""Training runs end to end on tiny toys: exact resume, bad input, evaluation JSON, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from innards.errors import InnardsError
+from innards.io import load_tensors
+from innards.vpd.config import load_config
+from innards.vpd.train import train
+
+TINY = {"target.steps": 300, "target.batch_size": 256, "batch_size": 64, "steps": 12, "warmup_steps": 5,
+        "checkpoint_every": 100, "log_every": 4, "eval_batches": 2, "eval_batch_size": 64, "progress": False,
+        "adversary.eval_steps": 3}
+
+
+def _cfg(name: str, out: Path, **over):
+    return load_config(name, {**TINY, "out": str(out), **over})
+
+
+@pytest.mark.parametrize("name", ["tms-5-2", "tms-5-2-spd"])
+def test_resume_gives_identical_weights(tmp_path, name):
+    a = train(_cfg(name, tmp_path / "a"))
+    train(_cfg(name, tmp_path / "b"), stop_at=5)
+    assert not (tmp_path / "b" / "decomposition.safetensors").exists()
+    b = train(_cfg(name, tmp_path / "b", resume=True))
+    ta = load_tensors(a / "decomposition.safetensors")
+    tb = load_tensors(b / "decomposition.safetensors")
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    steps = [json.loads(l)["step"] for l in (b / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(8) == 1
+
+
+def test_resume_with_changed_settings_is_refused(tmp_path):
+    train(_cfg("tms-5-2", tmp_path / "r"), stop_at=3)
+    with pytest.raises(InnardsError, match="changed settings.*imp_coeff"):
+        train(_cfg("tms-5-2", tmp_path / "r", resume=True, imp_coeff=0.5))
+    with pytest.raises(InnardsError, match="already holds a run"):
+        train(_cfg("tms-5-2", tmp_path / "r"))
+
+
+def test_corrupt_checkpoint_is_one_line_error(tmp_path):
+    train(_cfg("tms-5-2-spd", tmp_path / "r"), stop_at=3)
+    p = tmp_path / "r" / "ckpt" / "state.safetensors"
+    p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(InnardsError, match="corrupted|does not load"):
+        train(_cfg("tms-5-2-spd", tmp_path / "r", resume=True))
+
+
+def test_eval_json_and_run_from_another_model(tmp_path, capsys):
+    from innards.vpd.evaluate import EvalConfig, evaluate
+
+    run = train(_cfg("tms-5-2", tmp_path / "r"))
+    res = evaluate(EvalConfig(run=str(run), batches=1, batch_size=128, pgd_steps=2))
+    data = json.loads((run / "eval.json").read_text())
+    for k in ("mse_unmasked", "mse_stochastic", "mse_ci", "mse_rounded", "mse_zero", "mse_adversarial", "l0", "alive",
+              "delta_l2", "ground_truth"):
+        assert k in data, k
+    gt = data["ground_truth"]
+    for k in ("mmcs", "ml2r", "min_cosine", "components_that_matter", "ci_error"):
+        assert k in gt
+    assert set(data["l0"]) == {"linear1", "linear2"}
+    assert Path(data["ci_spectrum_png"]).is_file()
+    assert "adversarial" in capsys.readouterr().out
+    assert res["mse_zero"] > res["mse_unmasked"]
+    # swap in another target's weights: the run no longer belongs to this model
+    other = train(_cfg("tms-5-2", tmp_path / "o", **{"target.seed": 5}), stop_at=1)
+    (run / "target.safetensors").write_bytes((other / "target.safetensors").read_bytes())
+    with pytest.raises(InnardsError, match="another model"):
+        evaluate(EvalConfig(run=str(run), batches=1))
+
+
+def _cli(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "innards", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_cli_bad_input_one_line_exit_2(tmp_path):
+    from innards.cli import main
+
+    cases = [
+        (["vpd", "train", "--config", "tms-5-2", "--out", str(tmp_path / "x"), "nonsense_key=1"], "unknown config key 'nonsense_key'"),
+        (["vpd", "train", "--config", "tms-5-2", "--out", str(tmp_path / "x"), "modules=[mlp.*]", "target.steps=10"],
+         "matches no Linear/Conv1D weight (weights: linear1, linear2)"),
+        (["vpd", "train", "--config", "no-such-config", "--out", str(tmp_path / "x")], "no config named"),
+        (["vpd", "eval", "--run", str(tmp_path / "missing")], "not a VPD run folder"),
+        (["vpd", "train", "--out", str(tmp_path / "y"), "--resume"], "nothing to resume"),
+    ]
+    for argv, msg in cases:
+        rc = main(argv)
+        assert rc == 2, argv
+
+
+def test_cli_messages(tmp_path, capsys):
+    from innards.cli import main
+
+    assert main(["vpd", "train", "--config", "tms-5-2", "--out", str(tmp_path / "x"), "nonsense_key=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown config key 'nonsense_key'" in err[0]
+    assert main(["vpd", "train", "--config", "tms-5-2", "--out", str(tmp_path / "x"), "modules=[mlp.*]", "target.steps=10",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "weights: linear1, linear2" in err[0]
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = tmp_path / "dp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "INNARDS_BACKEND": "gloo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "innards",
+           "vpd", "train", "--config", "tms-5-2", "--out", str(out), "--no-progress"]
+    cmd += [f"{k}={v}" for k, v in TINY.items() if k != "progress"] + ["steps=4"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert p.returncode == 0, p.stderr[-2000:]
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["world"] == 2 and meta["step"] == 4
+    assert (out / "ckpt" / "rank1.safetensors").is_file()
