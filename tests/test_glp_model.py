@@ -86,6 +86,8 @@ def test_multi_site_embedding_separates_sites_unlike_depth_in_unit_interval():
     assert not torch.allclose(v0, v2)
     per_row = glp(z, 0.3, site=torch.tensor([0, 2, 0, 2, 0]))
     assert torch.allclose(per_row[1], v2[1], atol=1e-6) and torch.allclose(per_row[0], v0[0], atol=1e-6)
+    y = glp.project(z, t_start=0.5, steps=4, seed=0, site=torch.tensor([0, 2, 0, 2, 0]), batch_size=2)
+    assert y.shape == z.shape and torch.isfinite(y).all()
     with pytest.raises(InnardsError):
         glp(z, 0.3)
 

@@ -56,6 +56,19 @@ def _weights(d: Path) -> dict[str, torch.Tensor]:
     return load_file(str(d / "model.safetensors"))
 
 
+def test_timestep_densities():
+    from innards.glp.train import sample_t
+
+    g = torch.Generator().manual_seed(0)
+    for dist in ("uniform", "logit_normal", "grid"):
+        t = sample_t(20000, GLPTrainConfig(t_dist=dist), g, torch.device("cpu"))
+        assert t.min() >= 0 and t.max() <= 1
+    grid = sample_t(20000, GLPTrainConfig(t_dist="grid"), g, torch.device("cpu"))
+    assert grid.min() >= 0.001 - 1e-7 and torch.allclose(grid * 1000, (grid * 1000).round(), atol=1e-3)
+    ln = sample_t(20000, GLPTrainConfig(t_dist="logit_normal"), g, torch.device("cpu"))
+    assert abs(float(ln.mean()) - 0.5) < 0.01 and float(((ln > 0.3) & (ln < 0.7)).float().mean()) > 0.45
+
+
 def test_schedules():
     assert lr_factor(0, 1000, 0.01, 0.1) == pytest.approx(0.01)
     assert lr_factor(10, 1000, 0.01, 0.1) == pytest.approx(1.0)

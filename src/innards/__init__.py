@@ -32,6 +32,7 @@ _LAZY = {
     "harvest": "innards.data.harvest",
     "HarvestConfig": "innards.data.harvest",
     "iter_documents": "innards.data.text",
+    "open_text": "innards.data.text",
     "steer_generate": "innards.steer.generate",
     "generate_steered": "innards.steer.generate",
     "Steering": "innards.steer.generate",

@@ -7,6 +7,7 @@ from innards.glp.evaluate import EvalConfig, evaluate_glp
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of `innards glp eval`."""
     def run(cfg: EvalConfig) -> int:
         evaluate_glp(cfg)
         return 0

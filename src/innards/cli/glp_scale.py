@@ -7,6 +7,7 @@ from innards.glp.scale import ScaleConfig, scale
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of `innards glp scale`."""
     def run(cfg: ScaleConfig) -> int:
         scale(cfg)
         return 0

@@ -7,6 +7,7 @@ from innards.glp.sae import SAETrainConfig, train_sae
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of `innards sae train`."""
     def run(cfg: SAETrainConfig) -> int:
         train_sae(cfg)
         return 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -32,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from innards.config import save_config, to_dict
+from innards.config import save_config
 from innards.data.stats import Moments, merge_all
 from innards.data.store import (BF16_NOTE, FORMAT, FORMAT_VERSION, INDEX_DTYPE, STORAGE, encode, site_file)
 from innards.data.text import Batch, Document, GenerateSource, TextSource, framing, iter_batches, iter_chunks, open_text
@@ -69,7 +68,8 @@ class HarvestConfig:
     __field_help__ = {
         "model": "model name, alias (demo), local directory or hub id",
         "site": "site to harvest, e.g. blocks.2.resid_post (repeat or comma-separate for several)",
-        "text": "text source: file or folder (.txt/.txt.gz/.jsonl/.csv/.csv.zst), hf:NAME[:SPLIT], or generate:N",
+        "text": "text source: file or folder (.txt/.txt.gz/.jsonl/.csv/.csv.zst), hf:NAME[:SPLIT], a saved "
+                "datasets folder, generate:N (samples of the model itself) or random:N (random token ids)",
         "tokens": "number of tokens (activation rows) to harvest",
         "out": "output folder of the activation store",
         "context": "tokens per sequence, special tokens included (default: the model's, at most 1024)",
@@ -254,12 +254,15 @@ def _plan_diff(old: dict, new: dict) -> list[str]:
 
 
 def _clear_store(out: Path) -> None:
-    for name in STORE_FILES:
-        (out / name).unlink(missing_ok=True)
+    """Delete a store: the manifest first (no longer complete), the plan last (still a store if cut short)."""
+    (out / "manifest.json").unlink(missing_ok=True)
     for name in STORE_DIRS:
         if (out / name).is_dir():
             shutil.rmtree(out / name)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    for name in STORE_FILES:
+        if name != PLAN:
+            (out / name).unlink(missing_ok=True)
+    (out / PLAN).unlink(missing_ok=True)
 
 
 def _existing_parent(path: Path) -> Path:
@@ -607,6 +610,8 @@ def finalize(p: Prepared) -> dict:
         draws.append((u, i))
     if cfg.val_fraction > 0 and len(ids) >= 2 and not any(val):
         val[min(draws)[1]] = True  # tiny stores still get a validation document
+    if all(val[i] for i in ids):
+        val[max(draws)[1]] = False  # ... and always a training one
     docs_bytes = (json.dumps({"ids": table, "val": val}) + "\n").encode()
     atomic_write_bytes(out / "docs.json", docs_bytes)
     n_val = sum(val)
@@ -682,6 +687,14 @@ def harvest(cfg: HarvestConfig, model: Any = None) -> Path:
 
 def _first_document(p: Prepared) -> None:
     """Fail on an empty or unreadable text source before anything is written."""
-    for _ in p.source:
+    p.source.quiet = True  # the real pass warns about invalid bytes; the peek would repeat it
+    it = iter(p.source)
+    try:
+        next(it)
         return
+    except StopIteration:
+        pass
+    finally:
+        it.close()
+        p.source.quiet = False
     raise InnardsError(f"text source '{p.cfg.text}' has no documents")

@@ -98,6 +98,7 @@ class TextSource:
     """A deterministic stream of documents with a fingerprint for compatibility checks."""
 
     spec: str = ""
+    quiet: bool = False  # no warnings (set while peeking at the first document)
 
     def __iter__(self) -> Iterator[Document]:
         raise NotImplementedError
@@ -190,12 +191,14 @@ class FileSource(TextSource):
                 else:
                     docs = self._txt(f, rel, utf8)
                 yield from docs
-                if utf8.invalid:  # warned once per complete read, not on an early stop
-                    _warn(f"{f}: replaced {utf8.invalid} invalid UTF-8 byte(s)")
-                    self.invalid_bytes += utf8.invalid
-            except (OSError, EOFError, _zstd_error()) as e:
+            except (OSError, EOFError, csv.Error, _zstd_error()) as e:
                 # truncated gzip, bad zstd frame, unreadable file: the source is bad input, not a bug
                 raise InnardsError(f"cannot read text file {f}: {getattr(e, 'strerror', None) or e}") from None
+            finally:  # also when the reader stops early (token budget reached)
+                if utf8.invalid:
+                    self.invalid_bytes += utf8.invalid
+                    if not self.quiet:
+                        _warn(f"{f}: replaced {utf8.invalid} invalid UTF-8 byte(s)")
 
     def _txt(self, f: Path, rel: str, utf8: _Utf8) -> Iterator[Document]:
         k = 0

@@ -307,10 +307,11 @@ class GLP(nn.Module):
         gen = self._gen(seed)
         out = []
         for i in range(0, flat.shape[0], batch_size):
-            x = self.normalize(flat[i:i + batch_size].to(self.device), site)
+            si = _chunk(site, i, batch_size)
+            x = self.normalize(flat[i:i + batch_size].to(self.device), si)
             z = (1.0 - grid[0]) * x + grid[0] * self._randn(tuple(x.shape), gen)
-            z = sch.integrate(self._velocity_fn(site), z, grid, solver)
-            out.append(self.denormalize(z, site))
+            z = sch.integrate(self._velocity_fn(si), z, grid, solver)
+            out.append(self.denormalize(z, si))
         y = torch.cat(out) if out else flat.float()
         return y.to(device=acts.device, dtype=acts.dtype).reshape(acts.shape)
 
@@ -327,11 +328,12 @@ class GLP(nn.Module):
         gen = self._gen(seed)
         out = []
         for i in range(0, flat.shape[0], batch_size):
-            x = self.normalize(flat[i:i + batch_size].to(self.device), site)
+            si = _chunk(site, i, batch_size)
+            x = self.normalize(flat[i:i + batch_size].to(self.device), si)
             ti = tt[i:i + batch_size].to(self.device)
             eps = self._randn(tuple(x.shape), gen)
             z = (1.0 - ti[:, None]) * x + ti[:, None] * eps
-            v = self(z, ti, site)
+            v = self(z, ti, si)
             out.append(((v - (eps - x)) ** 2).mean(-1))
         y = torch.cat(out) if out else torch.empty(0, device=self.device)
         return y.reshape(acts.shape[:-1])
@@ -354,9 +356,10 @@ class GLP(nn.Module):
         gen = self._gen(seed)
         out = []
         for i in range(0, flat.shape[0], batch_size):
-            x = self.normalize(flat[i:i + batch_size].to(self.device), site)
+            si = _chunk(site, i, batch_size)
+            x = self.normalize(flat[i:i + batch_size].to(self.device), si)
             z = (1.0 - t) * x + t * self._randn(tuple(x.shape), gen)
-            out.append(self.hidden_units(z, t, site))
+            out.append(self.hidden_units(z, t, si))
         return torch.cat(out) if out else torch.empty(0, self.config.n_blocks * self.config.d_mlp, device=self.device)
 
     # ----- persistence ----------------------------------------------------------------------------
@@ -436,6 +439,13 @@ class GLP(nn.Module):
         if device is not None:
             model.to(device)
         return model
+
+
+def _chunk(site: Any, i: int, n: int) -> Any:
+    """The slice of a per-row site tensor that goes with rows i..i+n (a single site passes through)."""
+    if isinstance(site, torch.Tensor) and site.numel() > 1:
+        return site.reshape(-1)[i:i + n]
+    return site
 
 
 def _rows(v: Any, lead: tuple[int, ...] | torch.Size, device: torch.device) -> Any:

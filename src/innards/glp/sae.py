@@ -314,6 +314,8 @@ def parse_latents(spec: str | int, d_in: int) -> int:
 
 @dataclass
 class SAEFitResult:
+    """What a call of :func:`fit_topk_sae` did."""
+
     steps: int
     tokens: int
     final_fvu: float

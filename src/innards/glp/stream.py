@@ -328,7 +328,11 @@ class StreamSource:
         write_json(self.root / "spec.json", spec)
         if not (self.root / "end.json").is_file():
             self._start()
-        self._wait_for(self.root / "warmup.json", "the producer's warm-up pass")
+        try:
+            self._wait_for(self.root / "warmup.json", "the producer's warm-up pass")
+        except BaseException:
+            self.close()
+            raise
         self.warm = read_json(self.root / "warmup.json", "stream warm-up record")
         self.sites = [self.warm["site"]]
         self.width = int(self.warm["width"])
@@ -336,9 +340,8 @@ class StreamSource:
     @classmethod
     def from_config(cls, cfg: Any) -> "StreamSource":
         """Start (or reattach to) the stream of a GLPTrainConfig with --stream."""
-        target = cfg.tokens if cfg.tokens is not None else cfg.steps * cfg.batch_size
-        if cfg.tokens is not None:
-            target = -(-cfg.tokens // cfg.batch_size) * cfg.batch_size
+        steps = cfg.steps if cfg.steps is not None else -(-cfg.tokens // cfg.batch_size)
+        target = steps * cfg.batch_size  # exactly what the trainer will take
         if cfg.buffer_gb <= 0:
             raise InnardsError("--buffer-gb must be positive")
         spec = {"model": cfg.model, "site": cfg.site, "text": cfg.text, "context": cfg.context,

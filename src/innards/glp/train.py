@@ -275,8 +275,10 @@ def sample_t(n: int, cfg: GLPTrainConfig, gen: torch.Generator, device: torch.de
 
 def checkpoint_steps(total: int, n: int) -> list[int]:
     """Log-spaced steps (1-based counts of completed steps) from ~total/1000 to total."""
-    if n <= 0 or total <= 0:
-        return [total] if total > 0 else []
+    if total <= 0:
+        return []
+    if n <= 1:
+        return [total]
     first = max(1.0, total / 1000.0)
     pts = np.unique(np.round(np.geomspace(first, total, n)).astype(int))
     return sorted({int(p) for p in pts if p >= 1} | {total})
