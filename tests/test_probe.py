@@ -62,9 +62,9 @@ def setup(tmp_path_factory, tiny_model_dir):
         s.init_weights_(seed=0)
         return s.save_pretrained(root / name, hook_name=hook, model_name=str(mdir))
 
-    other = load_model(tiny_model_dir("gpt2"))
+    other = {"name": "another-model", "sha256": "0" * 64}
     return {"root": root, "tasks": tasks, "model": mdir, "model_obj": model,
-            "glp": glp("glp"), "glp_other_model": glp("glp_om", model_source=other.innards_source),
+            "glp": glp("glp"), "glp_other_model": glp("glp_om", model_source=other),
             "glp_other_site": glp("glp_os", site_name="blocks.0.resid_post"),
             "sae": sae("sae"), "sae_narrow": sae("sae_narrow", d_in=16), "sae_other_site": sae("sae_os", hook="blocks.0.resid_post")}
 

@@ -13,7 +13,9 @@ TOL = 1e-9
 
 def _check_against_sklearn(xtr, ytr, xte, yte, top_k):
     """Every candidate's CV and test AUC, and the selection, equal the reference fits."""
-    r = one_d_probe(xtr, ytr, xte, yte, top_k=top_k)
+    r = one_d_probe(xtr, ytr, xte, yte, top_k=top_k, prune=False)
+    pruned = one_d_probe(xtr, ytr, xte, yte, top_k=top_k)
+    assert (pruned.best, pruned.cv_auc, pruned.test_auc) == (r.best, r.cv_auc, r.test_auc)
     cand = prefilter(xtr, ytr, top_k)
     assert np.array_equal(cand, r.candidates)
     ref = [sklearn_one_d(xtr[:, j], ytr, xte[:, j], yte) for j in cand]

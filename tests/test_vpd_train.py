@@ -123,3 +123,39 @@ def test_torchrun_two_processes(tmp_path):
     meta = json.loads((out / "run.json").read_text())
     assert meta["world"] == 2 and meta["step"] == 4
     assert (out / "ckpt" / "rank1.safetensors").is_file()
+
+
+def test_tms_spd_short_run_learns_the_features(tmp_path):
+    from innards.vpd.evaluate import EvalConfig, evaluate
+    from innards.runlog import read_metrics
+
+    run = train(load_config("tms-5-2-spd", {"out": str(tmp_path / "r"), "steps": 300, "batch_size": 1024, "progress": False,
+                                            "target.steps": 3000, "eval_batches": 1, "adversary.eval_steps": 2,
+                                            "log_every": 50}))
+    logs = [m for m in read_metrics(run) if "stochastic" in m]
+    assert logs[-1]["stochastic"] < 0.3 * logs[0]["stochastic"]
+    res = evaluate(EvalConfig(run=str(run), batches=1, batch_size=1024, pgd_steps=2, png=False))
+    gt = res["ground_truth"]
+    assert gt["mmcs"] > 0.97  # every feature already has a well-aligned subcomponent
+    assert res["mse_ci"] < res["mse_zero"] / 3
+
+
+def test_target_that_misses_features_is_retrained_with_next_seed(monkeypatch):
+    from innards.vpd import toys
+    from innards.vpd.config import TargetConfig
+
+    calls = []
+    real = toys.learned_features
+
+    def fake(model, cfg):
+        out = real(model, cfg)
+        calls.append(1)
+        if len(calls) == 1:
+            out = out.clone()
+            out[0] = False  # the first seed "missed" a feature
+        return out
+
+    monkeypatch.setattr(toys, "learned_features", fake)
+    model, rep = toys.train_target(TargetConfig(kind="tms", steps=400, batch_size=256, seed=3, retries=2), progress=False)
+    assert rep["failed_seeds"] == [{"seed": 3, "learned": 4}]
+    assert rep["seed"] == 4 and rep["all_learned"]

@@ -20,6 +20,14 @@ REFERENCE = {"implementation": "goodfire-ai/spd 3f0bb61, tms_5-2 config, one thr
 class BenchVPDConfig:
     """Benchmark VPD/SPD training throughput on TMS 5-2 (C=20, batch 4096)."""
 
+    __field_help__ = {
+        'steps': 'training steps timed per objective (10000 = the reference run)',
+        'objectives': 'spd and/or vpd',
+        'threads': 'torch threads',
+        'out': 'also write the JSON here',
+    }
+
+
     steps: int = 10000
     objectives: list[str] = field(default_factory=lambda: ["spd", "vpd"])
     threads: int = 1

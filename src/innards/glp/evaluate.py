@@ -331,6 +331,8 @@ def evaluate_glp(cfg: EvalConfig) -> dict[str, Any]:
     res["fd_gaussian"] = frechet_distance(gauss, x_val)
     res["fd_pca"] = frechet_distance(x_pca, x_val)
     res["fd_sae"] = frechet_distance(x_sae, x_val) if x_sae is not None else None
+    if x_sae is None:
+        res["fd_sae_reason"] = "no SAE given (--sae) and SAE training switched off (--no-train-sae)"
     res["fd_glp_projection"] = frechet_distance(x_proj, x_val) if torch.isfinite(x_proj).all() else None
     res["sae"] = sae_info
     tick("fd")

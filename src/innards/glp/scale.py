@@ -95,6 +95,7 @@ class ScaleConfig:
     d_model: int | None = None
     d_mlp: int | None = None
     checkpoints: int = 12
+    fit_from: float = 0.01
     val_rows: int = 16384
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     seed: int = 0
@@ -116,6 +117,7 @@ class ScaleConfig:
         "tokens": "activations per run (default: one pass over the store)",
         "lr": "learning rate of every run (default: innards glp train's)",
         "checkpoints": "log-spaced checkpoints per run (the points of the scaling plot)",
+        "fit_from": "checkpoints before this fraction of their run (the warm-up plateau) are drawn but not fitted",
         "val_rows": "held-out activations for the validation loss (the same rows and noise for every run)",
         "model": "language model for delta_lm_glp of the envelope checkpoints",
         "downstream": "measure c2st_auc_glp (and delta_lm_glp with --model) on the envelope checkpoints",
@@ -174,9 +176,9 @@ def _checkpoints(run: Path) -> list[dict[str, Any]]:
         n_params = int(tr.get("n_params") or info.get("n_params"))
         d = int(tr.get("activations") or 0)
         loss = tr.get("val_loss")
-        pts.append({"dir": str(ck), "step": int(tr.get("step") or int(ck.name.split("_")[-1])), "activations": d,
-                    "n_params": n_params, "compute": 6.0 * n_params * d, "val_loss": loss,
-                    "train_loss": tr.get("train_loss")})
+        pts.append({"dir": str(ck), "step": int(tr.get("step") or int(ck.name.split("_")[-1])),
+                    "total_steps": tr.get("total_steps"), "activations": d, "n_params": n_params,
+                    "compute": 6.0 * n_params * d, "val_loss": loss, "train_loss": tr.get("train_loss")})
     return pts
 
 
@@ -194,6 +196,8 @@ def scale(cfg: ScaleConfig) -> dict[str, Any]:
         raise InnardsError("--depths must list positive depths, e.g. 1,2,3,6")
     if cfg.checkpoints < 2:
         raise InnardsError("--checkpoints must be at least 2")
+    if not 0.0 <= cfg.fit_from < 1.0:
+        raise InnardsError("--fit-from must be in [0, 1)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -210,10 +214,16 @@ def scale(cfg: ScaleConfig) -> dict[str, Any]:
         notes.append("some checkpoints have no validation loss (no validation split?): their train loss is used")
     loss = [p["val_loss"] if p["val_loss"] is not None else p["train_loss"] for _, p in flat]
     comp = [p["compute"] for _, p in flat]
-    env = envelope(comp, [float("nan") if v is None else v for v in loss])
+    # the first steps sit on the loss plateau of the initialisation, which no power law of compute describes
+    early = [bool(p.get("total_steps")) and p["step"] < cfg.fit_from * p["total_steps"] for _, p in flat]
+    env = envelope(comp, [float("nan") if v is None or e else v for v, e in zip(loss, early)])
+    on_env = set(env.tolist())
     for i, (_, p) in enumerate(flat):
         p["loss"] = loss[i]
-        p["on_envelope"] = bool(i in set(env.tolist()))
+        p["early"] = early[i]
+        p["on_envelope"] = i in on_env
+    if any(early):
+        notes.append(f"{sum(early)} checkpoints before {cfg.fit_from:.0%} of their run are left out of the envelope and fit")
     env_pts = [{"depth": flat[i][0], **{k: flat[i][1][k] for k in ("step", "activations", "n_params", "compute", "loss", "dir")}}
                for i in env]
     try:
@@ -320,8 +330,14 @@ def plot_scaling(res: dict[str, Any], path: Path) -> Path:
     runs = res["runs"]
     for i, r in enumerate(runs):
         pts = [p for p in r["checkpoints"] if p.get("loss") is not None and p["compute"] > 0]
-        ax.plot([p["compute"] for p in pts], [p["loss"] for p in pts], "o-", ms=3, lw=1,
-                color=cmap(i / max(1, len(runs) - 1)), label=f"d{r['depth']} ({r['n_params'] / 1e6:.3g}M params)")
+        color = cmap(i / max(1, len(runs) - 1))
+        ax.plot([p["compute"] for p in pts], [p["loss"] for p in pts], "-", lw=1, color=color)
+        late = [p for p in pts if not p.get("early")]
+        ax.plot([p["compute"] for p in late], [p["loss"] for p in late], "o", ms=3, color=color,
+                label=f"d{r['depth']} ({r['n_params'] / 1e6:.3g}M params)")
+        early = [p for p in pts if p.get("early")]
+        if early:
+            ax.plot([p["compute"] for p in early], [p["loss"] for p in early], "x", ms=4, color=color, alpha=0.6)
     env = res["envelope"]
     if env:
         ax.plot([p["compute"] for p in env], [p["loss"] for p in env], "o", mfc="none", mec="k", ms=7, label="envelope")

@@ -534,7 +534,7 @@ def _train(cfg: GLPTrainConfig, source: Source, dist: Dist, out: Path) -> Path:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     ckpts = set(checkpoint_steps(total, cfg.checkpoints))
-    val_every = cfg.val_every or max(1, total // 20)
+    val_every = cfg.val_every or max(1, min(cfg.log_every, total), total // 20)
     log = MetricsLog(out, wandb_project=cfg.wandb_project, config=to_dict(cfg),
                      resume_step=step if resume_state is not None else None, enabled=dist.main)
     if dist.main:

@@ -133,6 +133,7 @@ def _probe_one(spec: Any, builder: Any, x: np.ndarray, y: np.ndarray, split: Any
         order = np.argsort(-r.cand_cv_auc, kind="stable")[:5]
         rec.update({"best": builder.locate(spec, r.best), "cv_auc": r.cv_auc, "test_auc": r.test_auc,
                     "sign": r.sign, "C": r.C, "n_candidates": int(len(r.candidates)), "n_sklearn": r.n_sklearn,
+                    "n_near_null": r.extra["n_near_null"],
                     "top": [{**builder.locate(spec, int(r.candidates[j])), "cv_auc": float(r.cand_cv_auc[j]),
                              "test_auc": float(r.cand_test_auc[j])} for j in order]})
     else:

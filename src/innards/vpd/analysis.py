@@ -75,6 +75,16 @@ def parse_component(b: Any, spec: str) -> tuple[str, int]:
 class ContextsConfig:
     """innards vpd contexts: top-activating token contexts (by causal importance) per component."""
 
+    __field_help__ = {
+        'run': 'run folder',
+        'text': 'text source (file, folder, hf:NAME, generate:N)',
+        'out': 'output folder (default RUN/contexts)',
+        'top': 'examples per component',
+        'window': 'tokens of context before the firing token',
+        'threshold': 'skip components whose CI never exceeds this',
+    }
+
+
     run: str = ""
     text: str = ""  # an innards.data.text source
     out: str | None = None  # folder (default RUN/contexts)
@@ -180,6 +190,15 @@ def _contexts_md(res: dict[str, Any]) -> str:
 class AblateConfig:
     """innards vpd ablate: how removing one subcomponent changes the next-token distribution."""
 
+    __field_help__ = {
+        'run': 'run folder',
+        'component': 'NAME:IDX (NAME: a unique suffix of the matrix path)',
+        'prompt': 'text; the next token after it is examined',
+        'top': 'tokens listed',
+        'out': 'also write JSON here',
+    }
+
+
     run: str = ""
     component: str = ""  # NAME:IDX
     prompt: str = ""
@@ -233,6 +252,16 @@ def ablate(cfg: AblateConfig) -> dict[str, Any]:
 @dataclass
 class GraphConfig:
     """innards vpd graph: attribution graph among the components active on a prompt."""
+
+    __field_help__ = {
+        'run': 'run folder',
+        'prompt': 'text',
+        'out': 'output folder (default RUN/graph)',
+        'threshold': 'nodes: subcomponents with CI above this',
+        'max_nodes': 'keep the highest-CI nodes',
+        'max_edges': 'keep the strongest edges',
+    }
+
 
     run: str = ""
     prompt: str = ""

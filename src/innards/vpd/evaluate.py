@@ -25,6 +25,18 @@ STRATEGIES = ["unmasked", "stochastic", "ci", "rounded", "random", "zero"]
 class EvalConfig:
     """innards vpd eval: evaluate a run folder."""
 
+    __field_help__ = {
+        'run': 'run folder of innards vpd train',
+        'out': 'JSON path (default RUN/eval.json)',
+        'batches': "evaluation batches (0: the run's eval_batches)",
+        'batch_size': "batch size (0: the run's)",
+        'pgd_steps': "fresh-PGD steps (-1: the run's adversary.eval_steps, 20)",
+        'pgd_step_size': "fresh-PGD step size (-1: the run's, 0.1)",
+        'threshold': "CI threshold for L0 and rounded masks (-1: the run's ci_threshold)",
+        'model': 'load the target from here (must be the same model)',
+    }
+
+
     run: str = ""
     out: str | None = None  # JSON path (default RUN/eval.json)
     batches: int = 0  # 0 = the run's eval_batches
