@@ -46,6 +46,13 @@ _LAZY = {
     "train_glp": "innards.glp.train",
     "evaluate_glp": "innards.glp.evaluate",
     "TopKSAE": "innards.glp.sae",
+    "train_sae": "innards.glp.sae",
+    "SAETrainConfig": "innards.glp.sae",
+    "EvalConfig": "innards.glp.evaluate",
+    "scale": "innards.glp.scale",
+    "ScaleConfig": "innards.glp.scale",
+    "frechet_distance": "innards.glp.fd",
+    "c2st_auc": "innards.glp.c2st",
     "load_sae": "innards.glp.sae",
 }
 

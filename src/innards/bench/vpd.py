@@ -32,10 +32,11 @@ class BenchVPDConfig:
     objectives: list[str] = field(default_factory=lambda: ["spd", "vpd"])
     threads: int = 1
     seed: int = 0
+    target_steps: int = 0  # 0 = the config's target training (10000 steps); smaller only for smoke tests
     out: str | None = None  # JSON file
 
 
-def bench_one(objective: str, steps: int, seed: int = 0) -> dict[str, Any]:
+def bench_one(objective: str, steps: int, seed: int = 0, target_steps: int = 0) -> dict[str, Any]:
     """Time `steps` training steps of the shipped TMS 5-2 config (target training and warm-up not timed)."""
     from innards.vpd.config import load_config
     from innards.vpd.ground_truth import ground_truth
@@ -43,7 +44,10 @@ def bench_one(objective: str, steps: int, seed: int = 0) -> dict[str, Any]:
 
     name = "tms-5-2-spd" if objective == "spd" else "tms-5-2"
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(name, {"steps": steps, "seed": seed, "out": tmp, "progress": False})
+        over: dict[str, Any] = {"steps": steps, "seed": seed, "out": tmp, "progress": False}
+        if target_steps:
+            over.update({"target.steps": target_steps, "target.retries": 0})
+        cfg = load_config(name, over)
         tr = Trainer(cfg, Path(tmp), progress=False)
         faithfulness_warmup(tr.b, cfg.warmup_steps, cfg.warmup_lr, cfg.warmup_wd)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -66,7 +70,7 @@ def bench_vpd(cfg: BenchVPDConfig) -> dict[str, Any]:
     torch.set_flush_denormal(True)
     res: dict[str, Any] = {"threads": cfg.threads, "torch": torch.__version__, "reference_spd": REFERENCE}
     for obj in cfg.objectives:
-        res[obj] = bench_one(obj, cfg.steps, cfg.seed)
+        res[obj] = bench_one(obj, cfg.steps, cfg.seed, cfg.target_steps)
     print(json.dumps(res, indent=2))
     if cfg.out:
         write_json(cfg.out, res)

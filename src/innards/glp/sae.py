@@ -260,6 +260,8 @@ def load_sae(path: str | Path, scaling_factor: float | None = None, device: str 
     k = cfg.get("k")
     if arch == "standard" and cfg.get("activation_fn_str") == "topk":  # SAELens < 6 spelling
         arch, k = "topk", (cfg.get("activation_fn_kwargs") or {}).get("k", k)
+    if (cfg.get("reshape_activations") or "none") != "none":
+        raise InnardsError(f"SAE {p} reshapes its input ({cfg['reshape_activations']}); only flat sites are supported")
     missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n not in w]
     if missing:
         raise InnardsError(f"SAE weights {weights} lack {', '.join(missing)}")
