@@ -42,6 +42,8 @@ _LAZY = {
     "run_sweep": "innards.steer.sweep",
     "load_or_train_evaluator": "innards.steer.evaluator",
     "glp_neurons": "innards.glp.neurons",
+    "ProbeConfig": "innards.probe.run",
+    "run_probe": "innards.probe.run",
     "GLP": "innards.glp.model",
     "train_glp": "innards.glp.train",
     "evaluate_glp": "innards.glp.evaluate",
