@@ -152,6 +152,8 @@ def test_euler_1000_matches_heun_and_samples_cover_both_modes(trained):
     e = glp.sample(512, steps=1000, solver="euler", seed=0, normalized=True)
     h = glp.sample(512, steps=200, solver="heun", seed=0, normalized=True)
     assert (e - h).abs().mean() < 0.01
+    err = {s: (glp.sample(512, steps=10, solver=s, seed=0, normalized=True) - e).abs().mean() for s in ("euler", "ab2")}
+    assert err["ab2"] < 0.5 * err["euler"]  # second order at the same number of evaluations
     s = glp.sample(2000, steps=50, solver="heun", seed=1)
     near0 = (s[:, 0] > 10.5).float().mean()
     assert 0.3 < near0 < 0.7  # both clusters (x0 = 13 and x0 = 8) are populated

@@ -7,11 +7,25 @@ A finished stage is not redone when the job is run again (each stage resumes or 
 from __future__ import annotations
 
 import json
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from innards.config import save_config
+
+PROMPTS = Path(__file__).parent / "steer" / "prompts"
+
+
+def _shared_data() -> Path:
+    """$INNARDS_DATA_DIR, else ../shared/data beside the working folder or the source checkout."""
+    env = os.environ.get("INNARDS_DATA_DIR")
+    candidates = [Path(env)] if env else []
+    candidates += [Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[3] / "shared" / "data"]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+SHARED_DATA = _shared_data()
 
 
 @dataclass
@@ -30,7 +44,11 @@ class DemoConfig:
     eval_n: int = 4000
     eval_steps: int = 100
     steer: bool = True
+    steer_strengths: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0])
     probe: bool = True
+    probe_tasks: str | None = None  # default: ../shared/data/sae_probes/cleaned_data when present
+    probe_filter: list[str] = field(default_factory=lambda: ["117_us_state_FL", "118_us_state_CA", "126_art_type_book",
+                                                             "127_art_type_song", "119_us_state_TX"])
     seed: int = 0
 
 
@@ -77,7 +95,47 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary["stages"]["eval"] = {"file": str(out / "eval.json"), "seconds": round(time.time() - t0, 1)}
     summary["eval"] = {k: v for k, v in result.items() if isinstance(v, (int, float)) or v is None}
 
+    if cfg.steer:
+        t0 = _stage("4. steering: raw vs GLP-projected, happy-minus-sad direction")
+        summary["steer"] = _steer(cfg, site, acts, glp_dir, out / "steer")
+        summary["stages"]["steer"] = {"dir": str(out / "steer"), "seconds": round(time.time() - t0, 1)}
+
+    if cfg.probe:
+        t0 = _stage("5. 1-D probing: raw, MLP neurons, GLP meta-neurons, PCA")
+        summary["probe"] = _probe(cfg, site, glp_dir, out / "probe")
+        summary["stages"]["probe"] = {"dir": str(out / "probe"), "seconds": round(time.time() - t0, 1)}
+
     write_json(out / "summary.json", summary)
     print(f"\nresults in {out}/ (summary.json, eval.json, PNGs)")
     print(json.dumps(summary["eval"], indent=1))
     return summary
+
+
+def _steer(cfg: DemoConfig, site: str, acts: Path, glp_dir: Path, out: Path) -> dict:
+    """A short sweep: the packaged happy/sad sentences give the vector (and the judge when no shared data)."""
+    from innards.steer.sweep import SweepConfig, run_sweep
+    from innards.steer.vectors import VectorConfig, build_vector
+
+    out.mkdir(parents=True, exist_ok=True)
+    vec = build_vector(VectorConfig(model=cfg.model, site=site, pos=str(PROMPTS / "happy.txt"),
+                                    neg=str(PROMPTS / "sad.txt"), out=str(out / "happy_sad.safetensors")))
+    sentiment = (SHARED_DATA / "sentiment").is_dir()
+    concept = dict(concept="sentiment", data_dir=str(SHARED_DATA), evaluator_max_per_class=2000) if sentiment else \
+        dict(concept="happy", concept_pos=str(PROMPTS / "happy.txt"), concept_neg=str(PROMPTS / "sad.txt"))
+    res = run_sweep(SweepConfig(model=cfg.model, site=site, vector=str(vec), glp=str(glp_dir), acts=str(acts),
+                                strengths=cfg.steer_strengths, out=str(out), seed=cfg.seed, n_bootstrap=2000,
+                                **concept))
+    return {k: res[k] for k in ("concept", "evaluator_accuracy", "methods", "comparison") if k in res}
+
+
+def _probe(cfg: DemoConfig, site: str, glp_dir: Path, out: Path) -> dict:
+    """A handful of SAE-Probes tasks, when the benchmark's files are available."""
+    from innards.probe.run import ProbeConfig, run_probe
+
+    tasks = cfg.probe_tasks or str(SHARED_DATA / "sae_probes" / "cleaned_data")
+    if not Path(tasks).exists():
+        print(f"no probing tasks at {tasks}: skipping the probing stage (pass --probe-tasks DIR)")
+        return {"skipped": f"no tasks at {tasks}"}
+    res = run_probe(ProbeConfig(model=cfg.model, site=site, tasks=tasks, tasks_filter=cfg.probe_filter,
+                                features=["raw", "mlp", f"glp:{glp_dir}", "pca:16"], out=str(out), n_boot=2000))
+    return res

@@ -17,7 +17,7 @@ class GLPSampleConfig:
     glp: str = ""
     n: int = 1024
     steps: int = 100
-    solver: Literal["euler", "heun"] = "euler"
+    solver: Literal["euler", "heun", "ab2"] = "euler"
     schedule: Literal["uniform", "shift", "reference"] = "uniform"
     seed: int = 0
     site: str | None = None
@@ -28,7 +28,8 @@ class GLPSampleConfig:
     __field_help__ = {
         "glp": "GLP folder (innards glp train --out)",
         "n": "number of activations",
-        "steps": "solver steps from t = 1 to t = 0 (Heun spends two evaluations per step)",
+        "steps": "solver steps from t = 1 to t = 0 (Heun spends two evaluations per step, the others one)",
+        "solver": "euler, heun, or ab2 (second-order multistep, one evaluation per step)",
         "schedule": "time grid: uniform, shift (denser near t = 0) or the reference code's grid",
         "site": "which site, for a multi-site GLP",
         "out": "output file: .safetensors (tensor 'acts') or .npy",

@@ -5,7 +5,9 @@ Conventions (paper time t; the reference code's sigma equals t, its user knob u 
 - a sampling grid lists the times at which the state is defined, from t_0 down to 0; a solver moves
   the state from one grid point to the next, so a grid of K + 1 points is K steps;
 - Euler costs one network evaluation per step, Heun two (its second evaluation is at the step's end,
-  also when that end is t = 0, which the model was trained on).
+  also when that end is t = 0, which the model was trained on); ``ab2`` (two-step Adams-Bashforth
+  with variable steps: the previous step's velocity extrapolates the current one) is second order at
+  one evaluation per step, its first step being Euler.
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ import torch
 from innards.errors import InnardsError
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
-SOLVERS = ("euler", "heun")
+SOLVERS = ("euler", "heun", "ab2")
 SAMPLE_SCHEDULES = ("uniform", "shift", "reference")
 
 
 def sample_grid(steps: int, schedule: str = "uniform", shift: float = 3.0) -> list[float]:
     """Times for unconditional sampling from t = 1 to t = 0 (``steps`` + 1 points).
 
-    ``uniform``: linspace(1, 0). ``shift``: the uniform grid warped by t -> s t / (1 + (s - 1) t), which
-    spends more steps near t = 0 where the clean data's fine structure is decided. ``reference``:
+    ``uniform``: linspace(1, 0). ``shift``: the uniform grid warped by t -> s t / (1 + (s - 1) t)
+    (SD3's shift; s > 1 puts more steps near t = 1, where few-step samplers lose the most). ``reference``:
     the reference code's grid linspace(1000, 1, steps) / 1000 with the terminal 0 appended.
     """
     if steps < 1:
@@ -83,14 +85,21 @@ def n_evaluations(grid: list[float], solver: str = "euler") -> int:
 
 
 def integrate(velocity: Velocity, z: torch.Tensor, grid: list[float], solver: str = "euler") -> torch.Tensor:
-    """Solve dz/dt = v(z, t) along ``grid`` (decreasing times) with Euler or Heun."""
+    """Solve dz/dt = v(z, t) along ``grid`` (decreasing times) with Euler, Heun or Adams-Bashforth 2."""
     if solver not in SOLVERS:
         raise InnardsError(f"unknown solver '{solver}' (choose {', '.join(SOLVERS)})")
+    prev: tuple[torch.Tensor, float] | None = None
     for t0, t1 in zip(grid[:-1], grid[1:]):
         dt = t1 - t0
         v0 = velocity(z, t0)
-        if solver == "euler":
+        if solver == "euler" or (solver == "ab2" and prev is None):
             z = z + dt * v0
+            prev = (v0, dt)
+        elif solver == "ab2":
+            # the linear extrapolation of v through the last two evaluations, integrated over the step
+            r = dt / (2.0 * prev[1])
+            z = z + dt * ((1.0 + r) * v0 - r * prev[0])
+            prev = (v0, dt)
         else:
             z_end = z + dt * v0
             v1 = velocity(z_end, t1)
