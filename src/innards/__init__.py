@@ -45,6 +45,8 @@ _LAZY = {
     "ProbeConfig": "innards.probe.run",
     "run_probe": "innards.probe.run",
     "GLP": "innards.glp.model",
+    "GLPConfig": "innards.glp.model",
+    "GLPTrainConfig": "innards.glp.train",
     "train_glp": "innards.glp.train",
     "evaluate_glp": "innards.glp.evaluate",
     "TopKSAE": "innards.glp.sae",

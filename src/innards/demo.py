@@ -84,7 +84,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     t0 = _stage(f"2. train a depth-{cfg.glp_depth} GLP")
     glp_dir = out / "glp"
-    resume = (glp_dir / "config.yaml").exists()
+    resume = (glp_dir / "resume" / "state.json").exists()
     train_glp(GLPTrainConfig(acts=str(acts), out=str(glp_dir), depth=cfg.glp_depth, steps=cfg.glp_steps,
                              batch_size=cfg.glp_batch_size, lr=cfg.glp_lr, seed=cfg.seed, resume=resume))
     summary["stages"]["glp_train"] = {"dir": str(glp_dir), "seconds": round(time.time() - t0, 1)}

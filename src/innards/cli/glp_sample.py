@@ -77,5 +77,5 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return command(GLPSampleConfig, run, argv, prog="innards glp sample",
-                   description="Sample activations from a GLP (Euler or Heun from t = 1 to 0), denormalised.",
+                   description="Sample activations from a GLP (Euler, Heun or AB2 from t = 1 to 0), denormalised.",
                    aliases={"n": ["-n"]})

@@ -279,7 +279,7 @@ class GLP(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, steps: int = 100, solver: str = "euler", seed: int | None = None, site: Any = None,
                schedule: str = "uniform", batch_size: int = 16384, normalized: bool = False) -> torch.Tensor:
-        """Draw n activations (n, d_in), denormalised unless ``normalized``; Euler or Heun from t = 1 to 0."""
+        """Draw n activations (n, d_in), denormalised unless ``normalized``; Euler, Heun or AB2 from t = 1 to 0."""
         grid = sch.sample_grid(steps, schedule)
         gen = self._gen(seed)
         out = []

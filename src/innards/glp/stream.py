@@ -35,7 +35,6 @@ does); a store on disk gives a global shuffle.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -302,7 +301,7 @@ class StreamSource:
     """The trainer's view of the stream: batches in a fixed order, resumable, deleting what is safe."""
 
     def __init__(self, root: str | Path, spec: dict[str, Any], batch_rows: int, resume: bool = False,
-                 timeout_s: float | None = None, producer: str = "process"):
+                 timeout_s: float | None = None, producer: str = "process", wait: bool = True):
         self.root = Path(root)
         self.spec = spec
         self.R = int(spec["shard_rows"])
@@ -328,6 +327,12 @@ class StreamSource:
         write_json(self.root / "spec.json", spec)
         if not (self.root / "end.json").is_file():
             self._start()
+        self.warm: dict[str, Any] = {}
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until the producer's warm-up pass (statistics, validation rows) is on disk."""
         try:
             self._wait_for(self.root / "warmup.json", "the producer's warm-up pass")
         except BaseException:

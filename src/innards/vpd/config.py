@@ -79,6 +79,7 @@ class VPDConfig:
     routing: Literal["uniform_k", "all"] = "uniform_k"  # stochastic term (spd always uses all + layerwise)
     stoch_coeff: float = 0.5
     adv_coeff: float = 0.5
+    adv_start_frac: float = 0.0  # the adversarial term starts after this fraction of the steps (0 = from the start)
     layerwise_coeff: float = 1.0  # spd only
     imp_coeff: float = 2e-4
     freq_coeff: float = 1e-4  # vpd only

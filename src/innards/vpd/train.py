@@ -127,8 +127,10 @@ class Trainer:
 
         adv_lr = 0.0
         adv_route = None
-        if vpd and self.adv is not None:
-            adv_lr = self.adv.lr_at(step, cfg.steps)
+        adv_start = int(cfg.adv_start_frac * cfg.steps)
+        adv_on = vpd and self.adv is not None and step >= adv_start
+        if adv_on:
+            adv_lr = self.adv.lr_at(step - adv_start, cfg.steps)
             if cfg.adversary.routing == "uniform_k":
                 prefix = next(iter(g.values())).shape[:-1]
                 r = uniform_k_routing(tuple(prefix), len(g), self.gen)
@@ -159,7 +161,7 @@ class Trainer:
             total = total + cfg.layerwise_coeff * lw
             logs["layerwise"] = lw.detach()
         leaves = None
-        if vpd and self.adv is not None:
+        if adv_on:
             leaves = self.adv.leaves()
             la = adv_loss(b.decomp, x, clean, g, leaves, self.kind, use_delta, adv_route)
             total = total + cfg.adv_coeff * la
