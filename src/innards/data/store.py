@@ -16,6 +16,7 @@ as their raw uint16 bit patterns (numpy has no bfloat16); :func:`decode` turns t
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -58,6 +59,17 @@ def decode(a: np.ndarray, dtype: str) -> torch.Tensor:
 def site_file(name: str, site: str) -> str:
     """File name (inside ``shards/``) of one shard's rows for one site."""
     return f"{name}.{site}.npy"
+
+
+def _release(arr: np.ndarray) -> None:
+    """Drop a memory map's pages from this process's RSS after a read (the page cache keeps them),
+    so resident memory does not grow with the size of the store."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
 
 
 class ActivationStore:
@@ -277,7 +289,9 @@ class ActivationStore:
             s = int(shard[lo])
             local = sidx[lo:hi] - self._offsets[s]  # ascending: memmap reads walk forward
             for j, site in enumerate(sites):
-                buf[lo:hi, j] = self._open(s, site)[local]
+                arr = self._open(s, site)
+                buf[lo:hi, j] = arr[local]
+                _release(arr)
         out = np.empty_like(buf)
         out[order] = buf
         x = decode(out, self.dtype)
