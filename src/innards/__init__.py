@@ -18,6 +18,8 @@ _LAZY = {
     "load_model": "innards.models.load",
     "load_tokenizer": "innards.models.load",
     "list_sites": "innards.models.sites",
+    "DemoLMConfig": "innards.models.demo_lm",
+    "train_demo_lm": "innards.models.demo_lm",
     "resolve_site": "innards.models.sites",
     "capture": "innards.models.hooks",
     "edit": "innards.models.hooks",

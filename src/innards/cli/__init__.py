@@ -6,6 +6,7 @@ Subcommand modules are imported only when used, so ``innards --help`` stays fast
 from __future__ import annotations
 
 import errno
+import os
 import importlib
 import sys
 from typing import Any, Callable
@@ -43,6 +44,10 @@ def run_guarded(fn: Callable[[], Any]) -> int:
     """Run ``fn``; bad input becomes one line on stderr and exit status 2."""
     try:
         rc = fn()
+    except BrokenPipeError:
+        # output piped into e.g. `head`: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except InnardsError as e:
         print(f"innards: error: {e}", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from innards.config import save_config, to_dict
 from innards.errors import InnardsError
 from innards.io import read_json, write_json
-from innards.runlog import MetricsLog
+from innards.runlog import MetricsLog, read_metrics
 from innards.runtime import default_device, parse_dtype, seed_everything
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -99,6 +99,7 @@ class DemoLMConfig:
     overwrite: bool = False
     install: bool = False
     wandb: str | None = None
+    card_note: str | None = None
 
     __field_help__: ClassVar[dict[str, str]] = {
         "out": "run folder (checkpoint, metrics.jsonl, token cache, final/ model folder)",
@@ -116,6 +117,7 @@ class DemoLMConfig:
         "threads": "torch CPU threads",
         "install": "copy the final model folder into the package (innards/models/demo)",
         "wandb": "also log to this wandb project",
+        "card_note": "an extra sentence for the model card (e.g. how busy the machine was)",
     }
 
 
@@ -578,7 +580,7 @@ def write_final(cfg: DemoLMConfig, model, tok, state: dict, meta: dict, val_loss
     prompts = (SAMPLE_PROMPTS * (cfg.samples // len(SAMPLE_PROMPTS) + 1))[:cfg.samples]
     samples = generate_samples(model, tokenizer, prompts, cfg.sample_tokens, cfg.seed)
     model = model.to("cpu").to(parse_dtype(cfg.save_dtype)).eval()
-    model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=2, max_length=cfg.context)
+    model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=2)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     save_config(cfg, tmp, name="train_config.yaml")
@@ -589,6 +591,7 @@ def write_final(cfg: DemoLMConfig, model, tok, state: dict, meta: dict, val_loss
         "trained_on": _cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
         "held_out_loss": round(val_loss, 4), "held_out_ppl": round(math.exp(val_loss), 3),
         "held_out_eval_tokens": int(min(cfg.final_eval_seqs, (meta["val_tokens"] - 1) // cfg.context) * cfg.context),
+        "val_curve": [[r["step"], r["val_loss"]] for r in read_metrics(out) if "val_loss" in r],
         "data": meta, "samples": [{"prompt": p, "text": s} for p, s in zip(prompts, samples)],
         "torch": torch.__version__, "git": _git_rev(), "date": time.strftime("%Y-%m-%d"),
     }
@@ -613,6 +616,7 @@ def model_card(cfg: DemoLMConfig, s: dict) -> str:
     more = f"\n  - ... and {len(d['val_titles']) - 40} more" if len(d["val_titles"]) > 40 else ""
     limit = ("- The compute budget, not the data, limits this model: it saw less than one epoch, and a longer run (same\n"
              "  command, larger `--minutes`, or a GPU) gives a lower loss." if epochs < 1 else "")
+    note = f"\n- {cfg.card_note}" if cfg.card_note else ""
     samples = "\n\n".join(f"**Prompt** `{x['prompt'] or '(BOS only)'}`\n\n> " + x["text"].replace("\n", "\n> ") for x in s["samples"])
     return f"""# innards demo LM
 
@@ -642,9 +646,9 @@ not a useful language model.
 ## Training
 - Command: `innards demo-lm train` (config in `train_config.yaml`): AdamW (lr {cfg.lr:g}, betas {cfg.beta1}/{cfg.beta2},
   weight decay {cfg.weight_decay}), {cfg.warmup_steps} warm-up steps then cosine decay to {cfg.min_lr_ratio:g}x, gradient clipping {cfg.grad_clip},
-  batch {cfg.batch_size} x {cfg.context} tokens, {cfg.autocast} autocast.
+  batch {cfg.batch_size} x {cfg.context} tokens, {cfg.autocast} autocast.{note}
 - **{s['steps']:,} steps, {s['tokens_seen']:,} tokens seen** ({epochs:.2f} epochs of the training stream),
-  **wall time {s['wall_time_s'] / 60:.1f} min** (the training loop; periodic evaluation not counted) on {s['device']} ({s['trained_on']}, {s['threads']} thread(s), {s['tokens_per_s']:,} tokens/s), torch {s['torch']}, {s['date']}.
+  **wall time {s['wall_time_s'] / 60:.1f} min** (the training loop; periodic evaluation not counted) on {s['device']} ({s['trained_on']}, {s['threads']} thread(s), {s.get('tokens_per_s', 0):,} tokens/s on average), torch {s['torch']}, {s['date']}.
 
 ## Results
 - **Held-out loss {s['held_out_loss']:.4f} nats/token (perplexity {s['held_out_ppl']:.2f})** on {s['held_out_eval_tokens']:,} tokens of the

@@ -111,8 +111,9 @@ def contexts(cfg: ContextsConfig) -> dict[str, Any]:
     if n_win == 0:
         raise InnardsError(f"text source '{cfg.text}' gave fewer than {T} tokens")
     windows = tokens[: n_win * T].view(n_win, T)
-    best_v = {c.name: torch.full((cfg.top, c.C), -1.0) for c in b.decomp.components}
-    best_i = {c.name: torch.zeros((cfg.top, c.C), dtype=torch.long) for c in b.decomp.components}
+    K = 4 * cfg.top  # extra candidates so the examples can come from distinct windows
+    best_v = {c.name: torch.full((K, c.C), -1.0) for c in b.decomp.components}
+    best_i = {c.name: torch.zeros((K, c.C), dtype=torch.long) for c in b.decomp.components}
     sums = {c.name: torch.zeros(c.C, dtype=torch.float64) for c in b.decomp.components}
     fires = {c.name: torch.zeros(c.C, dtype=torch.float64) for c in b.decomp.components}
     for s in tqdm(range(0, n_win, cfg.batch_size), desc="vpd contexts"):
@@ -122,11 +123,11 @@ def contexts(cfg: ContextsConfig) -> dict[str, Any]:
             flat = gn.reshape(-1, gn.shape[-1]).float().cpu()
             sums[n] += flat.double().sum(0)
             fires[n] += (flat > cfg.threshold).double().sum(0)
-            k = min(cfg.top, flat.shape[0])
+            k = min(K, flat.shape[0])
             v, i = flat.topk(k, dim=0)
             allv = torch.cat([best_v[n], v])
             alli = torch.cat([best_i[n], i + s * T])
-            top = allv.topk(cfg.top, dim=0)
+            top = allv.topk(K, dim=0)
             best_v[n], best_i[n] = top.values, alli.gather(0, top.indices)
     tok = b.target.tokenizer
     flat_tokens = windows.reshape(-1)
@@ -137,11 +138,15 @@ def contexts(cfg: ContextsConfig) -> dict[str, Any]:
             if best_v[c.name][0, idx] <= cfg.threshold:
                 continue
             ex = []
-            for r in range(cfg.top):
+            seen: set[int] = set()
+            for r in range(K):
                 v = float(best_v[c.name][r, idx])
-                if v <= cfg.threshold:
+                if v <= cfg.threshold or len(ex) >= cfg.top:
                     break
                 p = int(best_i[c.name][r, idx])
+                if p // T in seen:
+                    continue
+                seen.add(p // T)
                 start = max(p - cfg.window, (p // T) * T)
                 end = min(p + 4, (p // T + 1) * T)
                 ex.append({"ci": round(v, 4), "left": tok.decode(flat_tokens[start:p].tolist()),
@@ -302,14 +307,16 @@ def graph(cfg: GraphConfig) -> dict[str, Any]:
     logits = b.decomp.masked(None, masks, act_fn=act_fn, explicit_delta=True, inputs_embeds=emb)
     last = logits[0, -1]
     out_tok = int(last.argmax())
-    # nodes: (matrix, position, component) with CI above threshold, the strongest max_nodes
-    cand = []
+    # nodes: (matrix, position, component) with CI above threshold; keep the max_nodes largest g·|a|
+    # (CI alone saturates at 1 for many subcomponents, which would make the choice arbitrary)
+    scored = []
     for n in names:
         pos, comp = (g[n][0] > cfg.threshold).nonzero(as_tuple=True)
-        for t, c in zip(pos.tolist(), comp.tolist()):
-            cand.append((float(g[n][0, t, c]), n, t, c))
-    cand.sort(reverse=True)
-    cand = cand[: cfg.max_nodes]
+        score = (g[n][0] * pre[n][0].detach().abs())[pos, comp]
+        for t, c, sc in zip(pos.tolist(), comp.tolist(), score.tolist()):
+            scored.append((sc, float(g[n][0, t, c]), n, t, c))
+    scored.sort(reverse=True)
+    cand = [(v, n, t, c) for _, v, n, t, c in scored[: cfg.max_nodes]]
     order = {n: i for i, n in enumerate(names)}
     active = {(n, t, c) for _, n, t, c in cand}
     tok = b.target.tokenizer
