@@ -10,7 +10,7 @@ import torch
 from test_steer_helpers import NEG, POS, write_lines
 
 from innards.errors import InnardsError
-from innards.steer.bootstrap import bootstrap_ci
+from innards.bootstrap import bootstrap_ci
 from innards.steer.fluency import continuation_nll, distinct_n
 from innards.steer.texts import check_balanced, read_lines
 

@@ -14,13 +14,17 @@ from safetensors.torch import load_file, save_file
 from innards.errors import ChecksumError, InnardsError
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over ``path``."""
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview | list[bytes | memoryview]) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename over ``path``.
+
+    ``data`` may be a list of buffers, written in order without first joining them (no extra copy).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in data if isinstance(data, list) else [data]:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

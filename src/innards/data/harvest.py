@@ -135,17 +135,7 @@ def write_npy(path: Path, arr: np.ndarray) -> dict:
     body = memoryview(arr.reshape(-1).view(np.uint8))
     h = hashlib.sha256(header)
     h.update(body)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_bytes(path, [header, body])
     return {"sha256": h.hexdigest(), "bytes": len(header) + body.nbytes}
 
 

@@ -248,7 +248,7 @@ def _previous(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
 def summarize(results: list[dict[str, Any]], names: list[str], skipped: list[dict[str, str]],
               settings: dict[str, Any], n_boot: int = 10000, seed: int = 42) -> dict[str, Any]:
     """Mean test AUC per feature set over tasks with 95% percentile bootstrap CIs (paired resamples)."""
-    from innards.steer.bootstrap import bootstrap_ci
+    from innards.bootstrap import bootstrap_ci
 
     feats: dict[str, Any] = {}
     ref = names[0] if names else None

@@ -222,7 +222,7 @@ def _arr(rows: list[dict], key: str) -> np.ndarray:
 def summarise(scored: list[dict], methods: list[str], strengths: list[float], n_bootstrap: int = 10_000,
               seed: int = 0) -> dict:
     """Per method and strength: means and bootstrap CIs; paired GLP - raw differences; dominance at r >= 1."""
-    from innards.steer.bootstrap import bootstrap_ci
+    from innards.bootstrap import bootstrap_ci
 
     by: dict[tuple[str, float], list[dict]] = {}
     for rec in scored:
@@ -244,7 +244,7 @@ def summarise(scored: list[dict], methods: list[str], strengths: list[float], n_
 
 def compare(by: dict, strengths: list[float], n_bootstrap: int, seed: int, table: dict) -> dict:
     """GLP minus raw per strength (paired over prompts) and whether GLP dominates at r >= 1."""
-    from innards.steer.bootstrap import bootstrap_ci
+    from innards.bootstrap import bootstrap_ci
 
     paired = []
     for r in strengths:

@@ -1,4 +1,4 @@
-"""Percentile bootstrap confidence intervals over prompts (seeded, NaN-aware)."""
+"""Percentile bootstrap confidence intervals (seeded, NaN-aware), shared by steering and probing."""
 
 from __future__ import annotations
 
