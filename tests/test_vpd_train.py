@@ -159,3 +159,14 @@ def test_target_that_misses_features_is_retrained_with_next_seed(monkeypatch):
     model, rep = toys.train_target(TargetConfig(kind="tms", steps=400, batch_size=256, seed=3, retries=2), progress=False)
     assert rep["failed_seeds"] == [{"seed": 3, "learned": 4}]
     assert rep["seed"] == 4 and rep["all_learned"]
+
+
+def test_spd_constant_lr_run_can_be_extended_exactly(tmp_path):
+    over = {"lr_schedule": "constant", "checkpoint_every": 3}
+    a = train(_cfg("tms-5-2-spd", tmp_path / "a", steps=8, **over))
+    b = train(_cfg("tms-5-2-spd", tmp_path / "b", steps=5, **over))
+    b = train(_cfg("tms-5-2-spd", tmp_path / "b", steps=8, resume=True, **over))
+    ta, tb = load_tensors(a / "decomposition.safetensors"), load_tensors(b / "decomposition.safetensors")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    with pytest.raises(InnardsError, match="changed settings"):
+        train(_cfg("tms-5-2-spd", tmp_path / "b", steps=4, resume=True, **over))

@@ -54,7 +54,7 @@ def sample_to_file(cfg: GLPSampleConfig) -> Path:
         raise InnardsError("-n must be at least 1")
     glp = GLP.from_pretrained(cfg.glp, device=default_device(cfg.device))
     x = glp.sample(cfg.n, steps=cfg.steps, solver=cfg.solver, seed=cfg.seed, site=cfg.site, schedule=cfg.schedule,
-                   batch_size=cfg.batch_size).cpu()
+                   batch_size=cfg.batch_size, progress=True).cpu()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         import io

@@ -279,7 +279,8 @@ def evaluate_glp(cfg: EvalConfig) -> dict[str, Any]:
     tick("load")
 
     # ---- generated and reconstructed sets
-    samples = glp.sample(n, steps=cfg.steps, solver=cfg.solver, seed=cfg.seed, site=site).cpu().float()
+    samples = glp.sample(n, steps=cfg.steps, solver=cfg.solver, seed=cfg.seed, site=site,
+                         progress=cfg.progress).cpu().float()
     tick("glp_sample")
     gauss = gaussian_samples(mu_t, S_t, n, cfg.seed + 2)
     pca = PCARecon(mu_t, S_t, cfg.pca_k)

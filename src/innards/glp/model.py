@@ -278,7 +278,8 @@ class GLP(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, steps: int = 100, solver: str = "euler", seed: int | None = None, site: Any = None,
-               schedule: str = "uniform", batch_size: int = 16384, normalized: bool = False) -> torch.Tensor:
+               schedule: str = "uniform", batch_size: int = 16384, normalized: bool = False,
+               progress: bool = False) -> torch.Tensor:
         """Draw n activations (n, d_in), denormalised unless ``normalized``; Euler, Heun or AB2 from t = 1 to 0."""
         grid = sch.sample_grid(steps, schedule)
         gen = self._gen(seed)
@@ -286,7 +287,8 @@ class GLP(nn.Module):
         for i in range(0, n, batch_size):
             b = min(batch_size, n - i)
             z = self._randn((b, self.config.d_in), gen)
-            z = sch.integrate(self._velocity_fn(site), z, grid, solver)
+            z = sch.integrate(self._velocity_fn(site), z, grid, solver,
+                              progress=f"sample {i + b}/{n}" if progress else None)
             out.append(z if normalized else self.denormalize(z, site))
         return torch.cat(out) if out else torch.empty(0, self.config.d_in, device=self.device)
 

@@ -84,12 +84,21 @@ def n_evaluations(grid: list[float], solver: str = "euler") -> int:
     return steps * (2 if solver == "heun" else 1)
 
 
-def integrate(velocity: Velocity, z: torch.Tensor, grid: list[float], solver: str = "euler") -> torch.Tensor:
-    """Solve dz/dt = v(z, t) along ``grid`` (decreasing times) with Euler, Heun or Adams-Bashforth 2."""
+def integrate(velocity: Velocity, z: torch.Tensor, grid: list[float], solver: str = "euler",
+              progress: str | None = None) -> torch.Tensor:
+    """Solve dz/dt = v(z, t) along ``grid`` (decreasing times) with Euler, Heun or Adams-Bashforth 2.
+
+    ``progress``: a description to show a progress bar over the steps (long 1000-step samplers).
+    """
     if solver not in SOLVERS:
         raise InnardsError(f"unknown solver '{solver}' (choose {', '.join(SOLVERS)})")
     prev: tuple[torch.Tensor, float] | None = None
-    for t0, t1 in zip(grid[:-1], grid[1:]):
+    steps = zip(grid[:-1], grid[1:])
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, total=len(grid) - 1, desc=progress, unit="step", leave=False)
+    for t0, t1 in steps:
         dt = t1 - t0
         v0 = velocity(z, t0)
         if solver == "euler" or (solver == "ab2" and prev is None):

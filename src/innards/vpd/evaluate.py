@@ -148,6 +148,8 @@ def quick_metrics(b: Any, data: Any, n_batches: int = 2) -> dict[str, Any]:
             if gt.get(k) is not None:
                 out[f"eval/{k}"] = gt[k]
         out["eval/components_that_matter"] = gt["components_that_matter"]
+        if "one_component_features" in gt:
+            out["eval/one_component_features"] = gt["one_component_features"]
     return out
 
 

@@ -221,8 +221,12 @@ class Trainer:
     def load_checkpoint(self) -> None:
         d = self.out / CKPT
         meta = read_json(d / "state.json", "checkpoint metadata")
-        if meta.get("settings") != result_settings(self.cfg):
-            changed = _diff(meta.get("settings") or {}, result_settings(self.cfg))
+        try:  # settings added to VPDConfig after the checkpoint was written take their defaults
+            saved = result_settings(config_from_dict(meta.get("settings") or {}))
+        except InnardsError:
+            saved = meta.get("settings") or {}
+        if not _same_run(saved, result_settings(self.cfg), self.cfg):
+            changed = _diff(saved, result_settings(self.cfg))
             raise InnardsError(f"--resume with changed settings ({', '.join(changed[:5])}); use a new --out or the same settings")
         if meta.get("world", 1) != self.dist.world:
             raise InnardsError(f"checkpoint was written by {meta.get('world')} processes, resuming with {self.dist.world}")
@@ -253,6 +257,22 @@ class Trainer:
         self.last = meta.get("last") or {}
 
 
+def extendable(cfg: VPDConfig) -> bool:
+    """Whether the run's trajectory does not depend on the total step count, so --resume may raise `steps`.
+
+    True for the SPD objective with a constant learning rate and a fixed p (VPD's adversary warm-up and
+    any annealing are scheduled over the total).
+    """
+    return cfg.objective == "spd" and cfg.lr_schedule == "constant" and cfg.p_start == cfg.p_end
+
+
+def _same_run(saved: dict, new: dict, cfg: VPDConfig) -> bool:
+    if saved == new:
+        return True
+    changed = {k for k in set(saved) | set(new) if saved.get(k) != new.get(k)}
+    return changed == {"steps"} and extendable(cfg) and new["steps"] >= saved["steps"]
+
+
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(a) | set(b)):
@@ -278,7 +298,7 @@ def train(cfg: VPDConfig, stop_at: int | None = None, progress: bool = True) -> 
             raise InnardsError(f"nothing to resume in {out} (no checkpoint)")
         if (out / "config.yaml").is_file():
             saved = config_from_dict(load_yaml(out / "config.yaml"))
-            if result_settings(saved) != result_settings(cfg):
+            if not _same_run(result_settings(saved), result_settings(cfg), cfg):
                 changed = _diff(result_settings(saved), result_settings(cfg))
                 raise InnardsError(f"--resume with changed settings ({', '.join(changed[:5])}); use a new --out or the same settings")
     elif ckpt_exists or (out / "decomposition.safetensors").is_file():
