@@ -46,6 +46,8 @@ _LAZY = {
     "glp_neurons": "innards.glp.neurons",
     "ProbeConfig": "innards.probe.run",
     "run_probe": "innards.probe.run",
+    "VPDConfig": "innards.vpd.config",
+    "Decomposition": "innards.vpd.components",
     "GLP": "innards.glp.model",
     "GLPConfig": "innards.glp.model",
     "GLPTrainConfig": "innards.glp.train",

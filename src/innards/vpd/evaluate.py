@@ -203,10 +203,12 @@ def format_table(res: dict[str, Any], lm: bool) -> str:
     gt = res.get("ground_truth")
     if gt:
         lines.append("")
-        lines.append("ground truth: " + ", ".join(f"{k} {gt[k]:.4f}" for k in ("mmcs", "ml2r", "min_cosine") if gt.get(k) is not None)
-                     + f", ci_error {gt['ci_error']}, components that matter {gt['components_that_matter']}"
-                     + (f", one-component features {gt['one_component_features']}" if "one_component_features" in gt else "")
-                     + f", passed {gt['passed']}")
+        parts = [f"{k} {gt[k]:.4f}" for k in ("mmcs", "ml2r", "min_cosine") if gt.get(k) is not None]
+        parts += [f"ci_error {gt['ci_error']}", f"components that matter {gt['components_that_matter']}"]
+        if "one_component_features" in gt:
+            parts.append(f"one-component features {gt['one_component_features']}")
+        parts.append(f"passed {gt['passed']}")
+        lines.append("ground truth: " + ", ".join(parts))
     return "\n".join(lines)
 
 
