@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from typing import Any, Literal
 
 import torch
 
+from innards.bench.memory import peak_rss_mb
 from innards.errors import InnardsError
 
 SHARED_TEXT = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "corpus" / "children-pd"
@@ -75,11 +75,6 @@ class BenchGLPConfig:
         "schedules": "time grids for fd_by_nfe: uniform, shift",
         "out": "work folder (default: a temporary folder, removed afterwards)",
     }
-
-
-def _peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
 def _rss_mb() -> dict[str, float]:
@@ -193,7 +188,7 @@ def _child_train(args: dict[str, Any]) -> dict[str, Any]:
 
     return {"train_activations_per_s": rate, "train_flops_per_s": flops, "matmul_peak_flops_per_s": peak,
             "mfu": flops / peak if peak else None, "precision": state["precision"], "n_params": n,
-            "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_mb": peak_rss_mb(),
             "peak_rss_anon_mb": max((x.get("RssAnon", 0.0) for x in samples), default=None),
             "peak_rss_file_mb": max((x.get("RssFile", 0.0) for x in samples), default=None),
             "peak_store_pages_rss_mb": store_rss[0],

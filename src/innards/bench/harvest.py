@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from innards.bench.memory import peak_rss_mb
 from innards.errors import InnardsError
 
 
@@ -57,11 +56,6 @@ class BenchHarvestConfig:
         "device": "device of the model",
         "seed": "seed of the generated text",
     }
-
-
-def _peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
 def _sync(device: torch.device) -> None:
@@ -145,7 +139,7 @@ def bench_harvest(cfg: BenchHarvestConfig) -> dict[str, Any]:
             "dtype": cfg.dtype, "device": device.type, "threads": torch.get_num_threads(),
             "harvest_s": round(t_h, 4), "forward_s": round(t_f, 4),
             "harvest_tokens_per_s": round(counted / t_h, 1), "forward_tokens_per_s": round(counted / t_f, 1),
-            "ratio": round(t_f / t_h, 4), "peak_rss_mb": round(_peak_rss_mb(), 1), "bytes_written": written,
+            "ratio": round(t_f / t_h, 4), "peak_rss_mb": round(peak_rss_mb(), 1), "bytes_written": written,
         }
         return result
     finally:

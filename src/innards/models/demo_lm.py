@@ -18,7 +18,6 @@ with the ``tokenizers`` library. ``innards demo-lm train`` builds it from public
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import hashlib
 import json

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from innards.config import save_config, to_dict
+from innards.config import save_config
 from innards.errors import InnardsError
 from innards.io import atomic_write_bytes, read_json, sha256_file, write_json
 from innards.probe.onedim import CS

@@ -180,7 +180,7 @@ def _contexts_html(res: dict[str, Any]) -> str:
 
 
 def _contexts_md(res: dict[str, Any]) -> str:
-    lines = [f"# Top contexts by causal importance", "", f"run `{res['run']}`, text `{res['text']}`, {res['tokens']} tokens", ""]
+    lines = ["# Top contexts by causal importance", "", f"run `{res['run']}`, text `{res['text']}`, {res['tokens']} tokens", ""]
     for key, comp in sorted(res["components"].items(), key=lambda kv: -kv[1]["firing_frac"]):
         lines += [f"## {key}", "", f"mean CI {comp['mean_ci']:.4f}, fires on {100 * comp['firing_frac']:.2f}% of tokens", ""]
         for ex in comp["examples"]:
