@@ -35,8 +35,8 @@ class DemoConfig:
     out: str = "results/demo"
     model: str = "demo"
     site: str | None = None  # default: resid_post of the middle layer
-    text: str = "generate:600"
-    tokens: int = 150_000
+    text: str = "generate:1200"
+    tokens: int = 70_000  # ~60 tokens per generated document
     glp_depth: int = 3
     glp_steps: int = 1500
     glp_batch_size: int = 1024
