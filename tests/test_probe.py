@@ -116,6 +116,18 @@ def test_rerun_reuses_results_and_cache(setup, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in cached} == stamp  # nothing extracted again
 
 
+def test_max_tasks_counts_probeable_tasks(setup, tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "1_tiny.csv").write_bytes((setup["tasks"] / "3_tiny.csv").read_bytes())
+    (tasks / "2_ok.csv").write_bytes((setup["tasks"] / "1_sent.csv").read_bytes())
+    out = tmp_path / "run"
+    assert main(["--model", str(setup["model"]), "--site", SITE, "--tasks", str(tasks), "--out", str(out),
+                 "--features", "raw", "--max-tasks", "1", "--no-plot"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tasks"] == ["2_ok"] and [s["task"] for s in summary["skipped"]] == ["1_tiny"]
+
+
 def test_dense_mode_picks_a_glp_block(setup, tmp_path):
     out = tmp_path / "dense"
     assert _run(setup, out, "--features", f"raw,glp:{setup['glp']}", "--mode", "dense", "--max-tasks", "1") == 0

@@ -70,7 +70,7 @@ ProbeConfig.__field_help__ = {
     "site": "activation site, e.g. blocks.3.resid_post (required)",
     "tasks": "folder of task CSVs (SAE-Probes layout or any *.csv[.zst] with prompt,target) or 'sae-probes'",
     "tasks_filter": "comma-separated globs on task names, e.g. '1*_*,*sent*'",
-    "max_tasks": "probe only the first N selected tasks",
+    "max_tasks": "probe only the first N selected tasks that can be probed (binary, enough rows)",
     "features": "comma list of raw, mlp, glp:DIR, sae:DIR, pca:K",
     "mode": "1d: best single feature (SAE-Probes/GLP protocol); dense: one probe on all features",
     "t": "noise level of GLP meta-neurons (paper: 0.1)",
@@ -164,14 +164,24 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     if not cfg.cs or any(c <= 0 for c in cfg.cs):
         raise InnardsError("--cs must be positive numbers")
     specs = parse_features(cfg.features)
-    refs = select_tasks(list_tasks(cfg.tasks), cfg.tasks_filter, cfg.max_tasks)
-    # read every task first: bad files stop the run before any model work
-    tasks, skipped = [], []
+    refs = select_tasks(list_tasks(cfg.tasks), cfg.tasks_filter)
+    # read the tasks first: bad files stop the run before any model work. --max-tasks counts tasks that
+    # can be probed (binary, enough rows), not files: the benchmark's folder mixes in regression tasks.
+    tasks, splits, skipped = [], [], []
     for ref in refs:
+        if cfg.max_tasks and len(tasks) >= cfg.max_tasks:
+            break
         if ref.path is None:
             skipped.append({"task": ref.name, "reason": "file not found"})
             continue
-        tasks.append(read_task(ref.path, ref.name))
+        task = read_task(ref.path, ref.name)
+        split, why = make_split(task, seed=cfg.split_seed, max_train=cfg.max_train, min_test=cfg.min_test,
+                                n_folds=cfg.n_folds)
+        if split is None:
+            skipped.append({"task": task.name, "reason": why})
+            continue
+        tasks.append(task)
+        splits.append(split)
 
     out = Path(cfg.out)
     model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
@@ -188,12 +198,7 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
     sites = needed_sites(specs, site)
     log = MetricsLog(out)
     results: list[dict[str, Any]] = []
-    for i, task in enumerate(tqdm(tasks, desc="probe", unit="task")):
-        split, why = make_split(task, seed=cfg.split_seed, max_train=cfg.max_train, min_test=cfg.min_test,
-                                n_folds=cfg.n_folds)
-        if split is None:
-            skipped.append({"task": task.name, "reason": why})
-            continue
+    for i, (task, split) in enumerate(tqdm(list(zip(tasks, splits)), desc="probe", unit="task")):
         path = out / "tasks" / f"{task.name}.json"
         prev = _previous(path, settings) if cfg.resume else {}
         rec = {"task": task.name, "file": str(task.path), "n": len(task.labels), "n_train": int(len(split.train)),
