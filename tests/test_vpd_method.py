@@ -326,6 +326,14 @@ def test_ground_truth_hand_built_exact_decomposition():
     assert fm2["mmcs"] == pytest.approx(1.0) and fm2["ml2r"] == pytest.approx(1.0)
     shrunk = feature_match(W, torch.eye(5) * 0.5, W.t().clone(), axis="in")
     assert shrunk["ml2r"] == pytest.approx(0.5)
+    # a negligible subcomponent pointing exactly along feature 0 must not steal the match from the real one
+    W3 = torch.tensor([[1.0, 0.0, 0.6], [0.0, 1.0, 0.8]])
+    V3 = torch.cat([torch.eye(3), torch.tensor([[1e-4], [0.0], [0.0]])], dim=1)  # (d_in, C=4)
+    U3 = torch.cat([W3.t(), torch.tensor([[1.0, 0.0]])])  # (C, d_out)
+    U3[0] = torch.tensor([0.99, 0.14])  # the real subcomponent of feature 0 is slightly off
+    fm3 = feature_match(W3, V3, U3, axis="in")
+    assert fm3["component"][0] == 0 and fm3["norm_ratio"][0] == pytest.approx(1.0, abs=0.01)
+    assert fm3["mmcs_all"] > fm3["mmcs"] and fm3["ml2r_all"] < 0.7
     ci = torch.zeros(5, 20)
     ci[torch.arange(5), torch.tensor([3, 0, 7, 19, 11])] = 1
     assert ci_error(ci, "identity") == 0
