@@ -343,6 +343,11 @@ def test_ground_truth_hand_built_exact_decomposition():
     dense = torch.zeros(5, 20)
     dense[:, [2, 4]] = 1
     assert ci_error(dense, "dense", 2) == 0 and ci_error(dense, "dense", 3) == 5
+    partial = dense.clone()
+    partial[0, dense[0].nonzero()[0, 0]] = 0.0  # one input needs only one of the two components
+    assert ci_error(partial, "subset", 2) == 0 and ci_error(partial, "dense", 2) == 1
+    partial[1, 0 if dense[1, 0] == 0 else 19] = 1.0  # a third component fires
+    assert ci_error(partial, "subset", 2) == 1
 
 
 def test_pattern_matching_no_weight_lists_names():

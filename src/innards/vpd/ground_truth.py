@@ -50,7 +50,9 @@ def ci_error(ci: torch.Tensor, pattern: str, k: int = 0, tol: float = 0.1) -> in
     """Entries deviating by more than ``tol`` from the ideal CI pattern after the best permutation.
 
     ``ci`` is (n_inputs, C) for one-hot probes. "identity": each input gets its own component (Hungarian
-    matching); "dense": the same k components are fully active on every input.
+    matching); "dense": the same k components are fully active on every input; "subset": only the same k
+    components may be active, each input using any of them (the fixed identity layer of TMS + ID, whose
+    minimal decomposition aligns its basis with some features so that those need one component, not two).
     """
     ci = ci.detach().double().cpu()
     n, C = ci.shape
@@ -60,6 +62,10 @@ def ci_error(ci: torch.Tensor, pattern: str, k: int = 0, tol: float = 0.1) -> in
         ideal[torch.as_tensor(rows), torch.as_tensor(cols)] = 1.0
     else:
         top = ci.mean(0).topk(min(k, C)).indices
+        if pattern == "subset":
+            rest = torch.ones(C, dtype=torch.bool)
+            rest[top] = False
+            return int((ci[:, rest] > tol).sum())
         ideal[:, top] = 1.0
     return int(((ci - ideal).abs() > tol).sum())
 
@@ -82,7 +88,7 @@ def expected_patterns(tcfg: TargetConfig, names: list[str]) -> dict[str, tuple[s
     out: dict[str, tuple[str, int] | None] = {}
     for n in names:
         if tcfg.kind == "tms":
-            out[n] = ("dense", tcfg.n_hidden) if n.startswith("hidden_layers") else ("identity", tcfg.n_features)
+            out[n] = ("subset", tcfg.n_hidden) if n.startswith("hidden_layers") else ("identity", tcfg.n_features)
         elif tcfg.kind == "resid_mlp" and tcfg.n_layers == 1:
             out[n] = ("identity", tcfg.n_features) if n.endswith("mlp_in") else ("dense", tcfg.d_mlp)
         else:
