@@ -57,7 +57,7 @@ def tokenize_source(spec: str, tokenizer: Any, max_tokens: int, model: Any = Non
     out: list[int] = []
     for doc in docs:
         t = doc.text if hasattr(doc, "text") else str(doc)
-        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"]  # long documents are chunked later
         if sep is not None:
             out.append(sep)
         out.extend(ids)
