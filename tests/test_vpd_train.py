@@ -170,3 +170,21 @@ def test_spd_constant_lr_run_can_be_extended_exactly(tmp_path):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     with pytest.raises(InnardsError, match="changed settings"):
         train(_cfg("tms-5-2-spd", tmp_path / "b", steps=4, resume=True, **over))
+
+
+def test_every_issue_config_ships_and_loads():
+    from innards.vpd.config import load_config, shipped_configs
+
+    names = {"tms-5-2", "tms-5-2-id", "tms-40-10", "tms-40-10-id", "resid-mlp-1", "resid-mlp-2", "resid-mlp-3", "demo-lm"}
+    shipped = shipped_configs()
+    assert names <= set(shipped)
+    assert {n + "-spd" for n in names - {"demo-lm"}} <= set(shipped)
+    for name in shipped:
+        cfg = load_config(name)
+        assert cfg.objective == ("spd" if name.endswith("-spd") else "vpd"), name
+        assert cfg.target.kind == ("lm" if name == "demo-lm" else "tms" if name.startswith("tms") else "resid_mlp"), name
+        if name.startswith("tms"):
+            assert cfg.target.hidden_identity == ("-id" in name), name
+            assert (cfg.target.n_features, cfg.target.n_hidden) == ((40, 10) if "40-10" in name else (5, 2)), name
+        if name.startswith("resid-mlp"):
+            assert cfg.target.n_layers == int(name.split("-")[2]), name
