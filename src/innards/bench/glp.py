@@ -36,45 +36,41 @@ from innards.data.shared import shared_data_dir
 from innards.errors import InnardsError
 
 
-
 @dataclass
 class BenchGLPConfig:
     """What to benchmark."""
 
     acts: str | None = None
+    """activation store to train from (default: harvest --tokens rows of --model's middle layer)"""
     glp: str | None = None
+    """GLP folder to sample from for fd_by_nfe (default: train one on the store)"""
     model: str = "demo"
     site: str | None = None
+    """site to harvest (default: resid_post of the middle block)"""
     text: str | None = None
+    """text to harvest (default: ../shared/data children's books when present, else random tokens)"""
     tokens: int = 400_000
     depth: int = 3
     batch_size: int = 4096
     steps: int = 40
+    """optimiser steps timed for the throughput"""
     log_every: int = 5
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     compile: bool = False
     threads: int | None = None
+    """torch threads in the timed child (default: torch's default)"""
     fd_n: int = 2048
+    """samples (and held-out rows) per Fréchet distance"""
     fd_train_steps: int = 1500
+    """steps of the GLP trained for fd_by_nfe when --glp is not given"""
     fd_lr: float = 1e-3
     nfe: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 1000])
+    """numbers of network evaluations for fd_by_nfe"""
     schedules: list[str] = field(default_factory=lambda: ["uniform", "shift"])
+    """time grids for fd_by_nfe: uniform, shift"""
     out: str | None = None
+    """work folder (default: a temporary folder, removed afterwards)"""
     seed: int = 0
-
-    __field_help__ = {
-        "acts": "activation store to train from (default: harvest --tokens rows of --model's middle layer)",
-        "glp": "GLP folder to sample from for fd_by_nfe (default: train one on the store)",
-        "site": "site to harvest (default: resid_post of the middle block)",
-        "text": "text to harvest (default: ../shared/data children's books when present, else random tokens)",
-        "steps": "optimiser steps timed for the throughput",
-        "threads": "torch threads in the timed child (default: torch's default)",
-        "fd_n": "samples (and held-out rows) per Fréchet distance",
-        "fd_train_steps": "steps of the GLP trained for fd_by_nfe when --glp is not given",
-        "nfe": "numbers of network evaluations for fd_by_nfe",
-        "schedules": "time grids for fd_by_nfe: uniform, shift",
-        "out": "work folder (default: a temporary folder, removed afterwards)",
-    }
 
 
 def _rss_mb() -> dict[str, float]:

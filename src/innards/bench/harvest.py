@@ -30,32 +30,29 @@ class BenchHarvestConfig:
     """What to benchmark."""
 
     model: str = "demo"
+    """model name, alias (demo), local directory or hub id"""
     site: list[str] = field(default_factory=list)
+    """site(s) to harvest (default: resid_post of the middle block)"""
     text: str = ""
+    """text source (default: random:N, context-long random token sequences)"""
     tokens: int = 40_000
+    """tokens harvested in the timed part"""
     context: int | None = None
+    """tokens per sequence (default: the model's, at most 1024)"""
     batch_size: int = 16
+    """sequences per forward pass"""
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """storage dtype of activations"""
     warmup: int = 2
+    """untimed batches first"""
     out: str | None = None
+    """folder for the shards written (default: a temporary folder, removed afterwards)"""
     model_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"
+    """dtype the model runs in"""
     device: str | None = None
+    """device of the model"""
     seed: int = 0
-
-    __field_help__ = {
-        "model": "model name, alias (demo), local directory or hub id",
-        "site": "site(s) to harvest (default: resid_post of the middle block)",
-        "text": "text source (default: random:N, context-long random token sequences)",
-        "tokens": "tokens harvested in the timed part",
-        "context": "tokens per sequence (default: the model's, at most 1024)",
-        "batch_size": "sequences per forward pass",
-        "dtype": "storage dtype of activations",
-        "warmup": "untimed batches first",
-        "out": "folder for the shards written (default: a temporary folder, removed afterwards)",
-        "model_dtype": "dtype the model runs in",
-        "device": "device of the model",
-        "seed": "seed of the generated text",
-    }
+    """seed of the generated text"""
 
 
 def _sync(device: torch.device) -> None:

@@ -5,13 +5,12 @@ Subcommand modules are imported only when used, so ``innards --help`` stays fast
 
 from __future__ import annotations
 
-import errno
-import os
 import importlib
 import sys
-from typing import Any, Callable
 
-from innards.errors import InnardsError
+from innards.errors import guarded
+
+run_guarded = guarded  # old name, still imported by cli/vpd_train.py
 
 # (words) -> (module under innards.cli, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
@@ -40,29 +39,6 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 }
 
 
-def run_guarded(fn: Callable[[], Any]) -> int:
-    """Run ``fn``; bad input becomes one line on stderr and exit status 2."""
-    try:
-        rc = fn()
-    except BrokenPipeError:
-        # output piped into e.g. `head`: stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except InnardsError as e:
-        print(f"innards: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EDQUOT, errno.EISDIR, errno.ENOTDIR):
-            where = f": {e.filename}" if e.filename else ""
-            print(f"innards: error: {e.strerror or e}{where}", file=sys.stderr)
-            return 2
-        raise
-    except KeyboardInterrupt:
-        print("innards: interrupted", file=sys.stderr)
-        return 130
-    return rc if isinstance(rc, int) else 0
-
-
 def _usage() -> str:
     lines = ["usage: innards <command> [options]   (innards <command> --help for each)", "", "commands:"]
     for words, (_, text) in COMMANDS.items():
@@ -72,7 +48,11 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``innards`` console command."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    return guarded(lambda: _dispatch(args))
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0

@@ -15,4 +15,4 @@ def main(argv: list[str] | None = None) -> int:
     return command(EvalConfig, run, argv, prog="innards glp eval",
                    description="Evaluate a GLP on held-out activations: Fréchet distance (with floor, Gaussian, PCA "
                                "and SAE baselines), classifier two-sample AUCs and delta LM losses.",
-                   aliases={"n": ["-n"]})
+                   aliases={"-n": "--n"})

@@ -15,25 +15,22 @@ class GLPSampleConfig:
     """Configuration of ``innards glp sample``."""
 
     glp: str = ""
+    """GLP folder (innards glp train --out)"""
     n: int = 1024
+    """number of activations"""
     steps: int = 100
+    """solver steps from t = 1 to t = 0 (Heun spends two evaluations per step, the others one)"""
     solver: Literal["euler", "heun", "ab2"] = "euler"
+    """euler, heun, or ab2 (second-order multistep, one evaluation per step)"""
     schedule: Literal["uniform", "shift", "reference"] = "uniform"
+    """time grid: uniform, shift (denser near t = 0) or the reference code's grid"""
     seed: int = 0
     site: str | None = None
+    """which site, for a multi-site GLP"""
     out: str = "samples.safetensors"
+    """output file: .safetensors (tensor 'acts') or .npy"""
     device: str | None = None
     batch_size: int = 16384
-
-    __field_help__ = {
-        "glp": "GLP folder (innards glp train --out)",
-        "n": "number of activations",
-        "steps": "solver steps from t = 1 to t = 0 (Heun spends two evaluations per step, the others one)",
-        "solver": "euler, heun, or ab2 (second-order multistep, one evaluation per step)",
-        "schedule": "time grid: uniform, shift (denser near t = 0) or the reference code's grid",
-        "site": "which site, for a multi-site GLP",
-        "out": "output file: .safetensors (tensor 'acts') or .npy",
-    }
 
 
 def sample_to_file(cfg: GLPSampleConfig) -> Path:
@@ -78,4 +75,4 @@ def main(argv: list[str] | None = None) -> int:
 
     return command(GLPSampleConfig, run, argv, prog="innards glp sample",
                    description="Sample activations from a GLP (Euler, Heun or AB2 from t = 1 to 0), denormalised.",
-                   aliases={"n": ["-n"]})
+                   aliases={"-n": "--n"})

@@ -13,14 +13,11 @@ class SitesConfig:
     """Which model to describe and how."""
 
     model: str = "demo"
+    """model name, alias (demo, minilm), local directory or hub id (also the first positional argument)"""
     json: bool = False
+    """print JSON instead of a table"""
     revision: str | None = None
-
-    __field_help__ = {
-        "model": "model name, alias (demo, minilm), local directory or hub id (also the first positional argument)",
-        "json": "print JSON instead of a table",
-        "revision": "hub revision (branch, tag or commit)",
-    }
+    """hub revision (branch, tag or commit)"""
 
 
 def describe_sites(cfg: SitesConfig) -> dict:
@@ -61,10 +58,6 @@ def run(cfg: SitesConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``innards sites``."""
-    argv = list(argv or [])
-    # the model is usually given positionally: innards sites MODEL
-    if argv and not argv[0].startswith("-") and "=" not in argv[0]:
-        argv = ["--model", argv[0], *argv[1:]]
-    return command(SitesConfig, run, argv, prog="innards sites",
+    return command(SitesConfig, run, argv, prog="innards sites", positional="model",
                    description="List every activation site of a model with its width, TransformerLens alias "
                                "and Hugging Face module.")

@@ -49,41 +49,37 @@ class HarvestConfig:
     """What to harvest, from which model and text, and how to store it."""
 
     model: str = "demo"
+    """model name, alias (demo), local directory or hub id"""
     site: list[str] = field(default_factory=list)
+    """site to harvest, e.g. blocks.2.resid_post (repeat or comma-separate for several)"""
     text: str = ""
+    """text source: file or folder (.txt/.txt.gz/.jsonl/.csv/.csv.zst), hf:NAME[:SPLIT], a saved datasets folder, generate:N (samples of the model itself) or random:N (random token ids)"""
     tokens: int = 100_000
+    """number of tokens (activation rows) to harvest"""
     out: str = ""
+    """output folder of the activation store"""
     context: int | None = None
+    """tokens per sequence, special tokens included (default: the model's, at most 1024)"""
     batch_size: int = 16
+    """sequences per forward pass"""
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """storage dtype of activations"""
     overwrite: bool = False
+    """replace an existing store made with other settings"""
     shard_tokens: int = 65_536
+    """rows per shard (also the resume granularity)"""
     val_fraction: float = 0.05
+    """fraction of documents held out as the validation split"""
     seed: int = 0
+    """seed of the validation split and of generate:N sampling"""
     text_field: str = "text"
+    """JSON / dataset field or CSV column holding the text"""
     doc_split: Literal["blank", "line", "formfeed", "file"] = "blank"
+    """how .txt files split into documents: blank lines, lines, form feeds or whole files"""
     model_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"
+    """dtype the model runs in"""
     device: str | None = None
-
-    __field_help__ = {
-        "model": "model name, alias (demo), local directory or hub id",
-        "site": "site to harvest, e.g. blocks.2.resid_post (repeat or comma-separate for several)",
-        "text": "text source: file or folder (.txt/.txt.gz/.jsonl/.csv/.csv.zst), hf:NAME[:SPLIT], a saved "
-                "datasets folder, generate:N (samples of the model itself) or random:N (random token ids)",
-        "tokens": "number of tokens (activation rows) to harvest",
-        "out": "output folder of the activation store",
-        "context": "tokens per sequence, special tokens included (default: the model's, at most 1024)",
-        "batch_size": "sequences per forward pass",
-        "dtype": "storage dtype of activations",
-        "overwrite": "replace an existing store made with other settings",
-        "shard_tokens": "rows per shard (also the resume granularity)",
-        "val_fraction": "fraction of documents held out as the validation split",
-        "seed": "seed of the validation split and of generate:N sampling",
-        "text_field": "JSON / dataset field or CSV column holding the text",
-        "doc_split": "how .txt files split into documents: blank lines, lines, form feeds or whole files",
-        "model_dtype": "dtype the model runs in",
-        "device": "device of the model (default: cuda if available, else cpu)",
-    }
+    """device of the model (default: cuda if available, else cpu)"""
 
 
 # ---------------------------------------------------------------- small helpers

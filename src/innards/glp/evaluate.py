@@ -27,53 +27,50 @@ class EvalConfig:
     """Configuration of ``innards glp eval`` (and of :func:`evaluate_glp`)."""
 
     glp: str | None = None
+    """GLP folder (innards glp train)"""
     acts: str | None = None
+    """activation store the GLP was trained on (train split: floor and baselines; val split: held-out)"""
     out: str = "glp_eval.json"
+    """output JSON file (a PNG and the resolved config are written next to it)"""
     model: str | None = None
+    """language model for the delta LM loss (must be the one the store was harvested from)"""
     site: str | None = None
+    """site to evaluate (default: the GLP's only site)"""
     n: int = 10000
+    """activations per set (held-out, train, GLP samples, Gaussian samples)"""
     sae: str | None = None
+    """SAELens-format SAE folder for the SAE baseline (default: train a TopK SAE on the store)"""
     pca_k: int = 32
+    """components of the PCA baseline (default 32, the SAE's k: equal active coefficients)"""
     val_acts: str | None = None
+    """a separate store of held-out activations (default: the validation documents of --acts)"""
     steps: int = 1000
+    """sampler steps for the GLP samples"""
     solver: Literal["euler", "heun"] = "euler"
     seed: int = 42
     t_start: float = 0.5
+    """SDEdit start time of the GLP projection (delta LM loss, projection FD)"""
     project_steps: int = 20
+    """grid points of the projection (exact schedule: project_steps - 1 evaluations)"""
     project_schedule: Literal["exact", "grid"] = "exact"
+    """exact (paper) or grid (reference code: t = 0.474 for t_start 0.5, 20 steps)"""
     c2st: bool = True
+    """run the classifier two-sample tests"""
     lm_docs: int = 256
+    """held-out documents for the delta LM loss"""
     max_len: int = 128
+    """tokens per held-out sequence (BOS included) for the delta LM loss"""
     lm_batch_size: int = 16
     sae_k: int = 32
     sae_latents: str = "8*d"
     sae_tokens: int | None = None
+    """activations for the SAE trained when --sae is not given (default: one pass, at most 4M)"""
     train_sae: bool = True
+    """train a TopK SAE when --sae is not given (otherwise the SAE baseline is skipped)"""
     model_dtype: str = "fp32"
     device: str | None = None
     plot: bool = True
     progress: bool = True
-
-    __field_help__ = {
-        "glp": "GLP folder (innards glp train)",
-        "acts": "activation store the GLP was trained on (train split: floor and baselines; val split: held-out)",
-        "out": "output JSON file (a PNG and the resolved config are written next to it)",
-        "model": "language model for the delta LM loss (must be the one the store was harvested from)",
-        "site": "site to evaluate (default: the GLP's only site)",
-        "n": "activations per set (held-out, train, GLP samples, Gaussian samples)",
-        "sae": "SAELens-format SAE folder for the SAE baseline (default: train a TopK SAE on the store)",
-        "pca_k": "components of the PCA baseline (default 32, the SAE's k: equal active coefficients)",
-        "val_acts": "a separate store of held-out activations (default: the validation documents of --acts)",
-        "steps": "sampler steps for the GLP samples",
-        "t_start": "SDEdit start time of the GLP projection (delta LM loss, projection FD)",
-        "project_steps": "grid points of the projection (exact schedule: project_steps - 1 evaluations)",
-        "project_schedule": "exact (paper) or grid (reference code: t = 0.474 for t_start 0.5, 20 steps)",
-        "c2st": "run the classifier two-sample tests",
-        "lm_docs": "held-out documents for the delta LM loss",
-        "max_len": "tokens per held-out sequence (BOS included) for the delta LM loss",
-        "sae_tokens": "activations for the SAE trained when --sae is not given (default: one pass, at most 4M)",
-        "train_sae": "train a TopK SAE when --sae is not given (otherwise the SAE baseline is skipped)",
-    }
 
 
 # ----- small pieces ------------------------------------------------------------------------------------

@@ -27,36 +27,33 @@ class NeuronsConfig:
     """``innards glp neurons``: top-activating contexts of (selected) meta-neurons."""
 
     glp: str = ""
+    """GLP folder"""
     model: str | None = None
+    """model the GLP was trained on (default: the one recorded in the GLP)"""
     site: str | None = None
     text: str = ""
+    """text source: file, folder, hf:NAME[:SPLIT] (see innards.data.text)"""
     neuron: list[str] = field(default_factory=list)
+    """meta-neurons BLOCK:INDEX (repeatable or comma-separated; default: all)"""
     top: int = 20
+    """contexts kept per neuron"""
     max_docs: int = 1000
+    """documents read from the text source"""
     context: int = 64
+    """tokens per document (documents are truncated)"""
     t: float = 0.1
+    """noise level of the meta-neuron pass (paper: 0.1)"""
     seed: int = 0
     batch_size: int = 32
     highlight: float = 0.4
+    """emphasise tokens at >= this fraction of the context's maximum"""
     page_top: int = 10
+    """contexts per neuron shown on the HTML/Markdown pages (JSON keeps --top)"""
     text_split: str = "blank"
     text_field: str = "text"
     dtype: str = "fp32"
     device: str | None = None
     out: str = "glp-neurons"
-
-    __field_help__ = {
-        "glp": "GLP folder",
-        "model": "model the GLP was trained on (default: the one recorded in the GLP)",
-        "text": "text source: file, folder, hf:NAME[:SPLIT] (see innards.data.text)",
-        "neuron": "meta-neurons BLOCK:INDEX (repeatable or comma-separated; default: all)",
-        "top": "contexts kept per neuron",
-        "max_docs": "documents read from the text source",
-        "context": "tokens per document (documents are truncated)",
-        "t": "noise level of the meta-neuron pass (paper: 0.1)",
-        "highlight": "emphasise tokens at >= this fraction of the context's maximum",
-        "page_top": "contexts per neuron shown on the HTML/Markdown pages (JSON keeps --top)",
-    }
 
 
 def parse_neurons(specs: list[str], n_blocks: int, d_mlp: int) -> list[tuple[int, int]]:

@@ -87,45 +87,42 @@ class ScaleConfig:
     """Configuration of ``innards glp scale`` (and of :func:`scale`)."""
 
     acts: str | None = None
+    """activation store folder (innards harvest)"""
     out: str = "runs/glp-scale"
+    """output folder: one run per depth (d1/, d2/, ...), scale.json, scaling.png, downstream.png"""
     depths: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
+    """GLP depths of the sweep (comma-separated)"""
     tokens: int | None = None
+    """activations per run (default: one pass over the store)"""
     batch_size: int = 4096
     lr: float | None = None
+    """learning rate of every run (default: innards glp train's)"""
     d_model: int | None = None
     d_mlp: int | None = None
     checkpoints: int = 12
+    """log-spaced checkpoints per run (the points of the scaling plot)"""
     fit_from: float = 0.01
+    """checkpoints before this fraction of their run (the warm-up plateau) are drawn but not fitted"""
     val_rows: int = 16384
+    """held-out activations for the validation loss (the same rows and noise for every run)"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     seed: int = 0
     device: str | None = None
     model: str | None = None
+    """language model for delta_lm_glp of the envelope checkpoints"""
     downstream: bool = True
+    """measure c2st_auc_glp (and delta_lm_glp with --model) on the envelope checkpoints"""
     eval_n: int = 2000
+    """held-out activations and samples per downstream C2ST"""
     eval_steps: int = 32
+    """sampler steps for the downstream C2ST samples"""
     eval_solver: Literal["euler", "heun"] = "heun"
     lm_docs: int = 64
+    """held-out documents for the downstream delta LM loss"""
     max_len: int = 128
     overwrite: bool = False
+    """retrain runs whose settings differ from a previous sweep in --out"""
     progress: bool = True
-
-    __field_help__ = {
-        "acts": "activation store folder (innards harvest)",
-        "out": "output folder: one run per depth (d1/, d2/, ...), scale.json, scaling.png, downstream.png",
-        "depths": "GLP depths of the sweep (comma-separated)",
-        "tokens": "activations per run (default: one pass over the store)",
-        "lr": "learning rate of every run (default: innards glp train's)",
-        "checkpoints": "log-spaced checkpoints per run (the points of the scaling plot)",
-        "fit_from": "checkpoints before this fraction of their run (the warm-up plateau) are drawn but not fitted",
-        "val_rows": "held-out activations for the validation loss (the same rows and noise for every run)",
-        "model": "language model for delta_lm_glp of the envelope checkpoints",
-        "downstream": "measure c2st_auc_glp (and delta_lm_glp with --model) on the envelope checkpoints",
-        "eval_n": "held-out activations and samples per downstream C2ST",
-        "eval_steps": "sampler steps for the downstream C2ST samples",
-        "lm_docs": "held-out documents for the downstream delta LM loss",
-        "overwrite": "retrain runs whose settings differ from a previous sweep in --out",
-    }
 
 
 def _train_cfg(cfg: ScaleConfig, depth: int, run: Path) -> Any:

@@ -46,99 +46,96 @@ class GLPTrainConfig:
     """Configuration of ``innards glp train`` (and of :func:`train_glp`)."""
 
     acts: str | None = None
+    """activation store folder (innards harvest)"""
     out: str = "runs/glp"
+    """output folder: final GLP, checkpoints/, metrics.jsonl, resume/"""
     depth: int = 3
+    """number of denoiser blocks"""
     d_model: int | None = None
+    """model width (default 2 x activation width)"""
     d_mlp: int | None = None
+    """SwiGLU width (default 4 x activation width)"""
     sites: list[str] | None = None
+    """sites to model (default: every site of the store; several -> a multi-site GLP)"""
     tokens: int | None = None
+    """activations to train on (rows; repeats the store when larger than it)"""
     steps: int | None = None
+    """optimiser steps (alternative to --tokens; default one pass over the store)"""
     batch_size: int = 4096
+    """activations per optimiser step (global, over all ranks)"""
     lr: float = 5e-5
+    """peak learning rate of AdamW (paper: 5e-5)"""
     weight_decay: float = 0.01
+    """AdamW weight decay"""
     warmup: float = 0.01
+    """fraction of the steps spent warming up linearly from 0.01 x lr"""
     final_lr_frac: float = 0.1
+    """the cosine decay ends at this fraction of lr"""
     clip: float = 1.0
+    """global gradient-norm clip (0 = off)"""
     t_dist: Literal["uniform", "logit_normal", "grid"] = "uniform"
+    """timestep density: uniform (default), logit_normal, or the reference's discrete grid"""
     logit_mean: float = 0.0
+    """mean of the logit-normal timestep density"""
     logit_std: float = 1.0
+    """standard deviation of the logit-normal timestep density"""
     ema: float = 0.0
+    """EMA decay of the weights (0 = off); checkpoints then hold the EMA weights"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """bf16 autocast or fp32; auto = bf16 on CUDA, and on CPU when a quick matmul test finds it faster"""
     compile: bool = False
+    """torch.compile the denoiser"""
     seed: int = 0
+    """seed of the initialisation, data order, timesteps and noise"""
     device: str | None = None
+    """training device (default: cuda if available, else cpu)"""
     val_rows: int = 8192
+    """held-out activations (validation documents) for the validation loss"""
     val_every: int = 0
+    """steps between validation losses (0 = at every checkpoint and ~20 times per run)"""
     log_every: int = 50
+    """steps between metrics lines"""
     checkpoints: int = 10
+    """number of log-spaced checkpoints (checkpoints/step_XXXXXXX, GLP format)"""
     save_every: int = 500
+    """steps between resume states (also written at every checkpoint)"""
     buckets: int = 10
+    """t buckets for the per-timestep train and validation losses"""
     nonfinite: Literal["refuse", "skip"] = "refuse"
+    """NaN/inf activations: refuse (default) or skip the rows (counted in metrics)"""
     resume: bool = False
+    """continue the run in --out exactly where its resume state left it"""
     stop_after: int | None = None
+    """end this invocation after N steps in total, leaving a resume state (time-limited jobs)"""
     overwrite: bool = False
+    """allow replacing a finished or started run in --out"""
     wandb_project: str | None = None
+    """also log to this Weights & Biases project"""
     progress: bool = True
     # streaming mode: harvest while training, through a bounded on-disk buffer (innards.glp.stream)
     stream: bool = False
+    """harvest --model/--site/--text while training, through a bounded buffer"""
     model: str | None = None
     site: str | None = None
     text: str | None = None
     buffer_gb: float = 2.0
+    """disk bound of the stream buffer (GB)"""
     shard_rows: int = 65536
+    """activations per stream shard"""
     stats_rows: int = 262144
+    """stream mode: activations of the warm-up pass used for the normalisation statistics"""
     val_fraction: float = 0.05
+    """stream mode: fraction of documents held out for validation (hash of the document id)"""
     context: int | None = None
+    """stream mode: tokens per sequence (default: the model's, at most 1024)"""
     harvest_batch: int = 16
+    """stream mode: sequences per forward pass of the model"""
     model_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"
+    """stream mode: dtype the model runs in"""
     stream_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """stream mode: dtype of the activations in the buffer"""
     stream_producer: Literal["process", "thread"] = "process"
-
-    __field_help__ = {
-        "acts": "activation store folder (innards harvest)",
-        "out": "output folder: final GLP, checkpoints/, metrics.jsonl, resume/",
-        "depth": "number of denoiser blocks",
-        "d_model": "model width (default 2 x activation width)",
-        "d_mlp": "SwiGLU width (default 4 x activation width)",
-        "sites": "sites to model (default: every site of the store; several -> a multi-site GLP)",
-        "tokens": "activations to train on (rows; repeats the store when larger than it)",
-        "steps": "optimiser steps (alternative to --tokens; default one pass over the store)",
-        "batch_size": "activations per optimiser step (global, over all ranks)",
-        "lr": "peak learning rate of AdamW (paper: 5e-5)",
-        "weight_decay": "AdamW weight decay",
-        "warmup": "fraction of the steps spent warming up linearly from 0.01 x lr",
-        "final_lr_frac": "the cosine decay ends at this fraction of lr",
-        "clip": "global gradient-norm clip (0 = off)",
-        "logit_mean": "mean of the logit-normal timestep density",
-        "logit_std": "standard deviation of the logit-normal timestep density",
-        "seed": "seed of the initialisation, data order, timesteps and noise",
-        "device": "training device (default: cuda if available, else cpu)",
-        "log_every": "steps between metrics lines",
-        "wandb_project": "also log to this Weights & Biases project",
-        "t_dist": "timestep density: uniform (default), logit_normal, or the reference's discrete grid",
-        "ema": "EMA decay of the weights (0 = off); checkpoints then hold the EMA weights",
-        "precision": "bf16 autocast or fp32; auto = bf16 on CUDA, and on CPU when a quick matmul test finds it faster",
-        "compile": "torch.compile the denoiser",
-        "val_rows": "held-out activations (validation documents) for the validation loss",
-        "val_every": "steps between validation losses (0 = at every checkpoint and ~20 times per run)",
-        "checkpoints": "number of log-spaced checkpoints (checkpoints/step_XXXXXXX, GLP format)",
-        "save_every": "steps between resume states (also written at every checkpoint)",
-        "buckets": "t buckets for the per-timestep train and validation losses",
-        "nonfinite": "NaN/inf activations: refuse (default) or skip the rows (counted in metrics)",
-        "resume": "continue the run in --out exactly where its resume state left it",
-        "stop_after": "end this invocation after N steps in total, leaving a resume state (time-limited jobs)",
-        "overwrite": "allow replacing a finished or started run in --out",
-        "stream": "harvest --model/--site/--text while training, through a bounded buffer",
-        "buffer_gb": "disk bound of the stream buffer (GB)",
-        "shard_rows": "activations per stream shard",
-        "stats_rows": "stream mode: activations of the warm-up pass used for the normalisation statistics",
-        "val_fraction": "stream mode: fraction of documents held out for validation (hash of the document id)",
-        "context": "stream mode: tokens per sequence (default: the model's, at most 1024)",
-        "harvest_batch": "stream mode: sequences per forward pass of the model",
-        "model_dtype": "stream mode: dtype the model runs in",
-        "stream_dtype": "stream mode: dtype of the activations in the buffer",
-        "stream_producer": "stream mode: run the harvester in its own process (default) or in a thread",
-    }
+    """stream mode: run the harvester in its own process (default) or in a thread"""
 
 
 class Source(Protocol):

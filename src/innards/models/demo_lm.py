@@ -58,11 +58,16 @@ class DemoLMConfig:
     """Everything that defines a demo-LM training run (CLI flags mirror these fields)."""
 
     out: str = "runs/demo-lm"
+    """run folder (checkpoint, metrics.jsonl, token cache, final/ model folder)"""
     data: list[str] = field(default_factory=lambda: [f"{_SHARED}/children-pd", f"{_SHARED}/stories/tinystories-fragment.txt.gz"])
+    """text files or folders (.txt, .txt.gz); repeatable"""
     holdout: float = 0.02
+    """fraction of whole books (stories) held out for validation"""
     cache_dir: str | None = None
+    """where tokenizer and token arrays are cached (default OUT/cache)"""
     vocab_size: int = 4096
     tokenizer_chars: int = 30_000_000
+    """characters of training text used to fit the BPE vocabulary"""
     context: int = 256
     d_model: int = 128
     n_layers: int = 6
@@ -79,17 +84,25 @@ class DemoLMConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     steps: int | None = None
+    """stop after this many optimizer steps"""
     tokens: int | None = None
+    """stop after this many training tokens"""
     minutes: float | None = None
+    """wall-clock budget; the learning-rate schedule follows it"""
     stop_at: int | None = None
+    """pause at this step with a checkpoint (continue with --resume)"""
     eval_every: int = 200
     eval_seqs: int = 64
     final_eval_seqs: int = 512
     ckpt_every: int = 200
     autocast: Literal["bf16", "fp32"] = "bf16"
+    """compute dtype of matmuls (parameters stay fp32)"""
     compile: bool = False
+    """torch.compile the training forward/backward (faster steps after a slow first one)"""
     save_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """dtype of the shipped weights"""
     threads: int = 1
+    """torch CPU threads"""
     device: str | None = None
     seed: int = 0
     samples: int = 5
@@ -97,27 +110,11 @@ class DemoLMConfig:
     resume: bool = False
     overwrite: bool = False
     install: bool = False
+    """copy the final model folder into the package (innards/models/demo)"""
     wandb: str | None = None
+    """also log to this wandb project"""
     card_note: str | None = None
-
-    __field_help__: ClassVar[dict[str, str]] = {
-        "out": "run folder (checkpoint, metrics.jsonl, token cache, final/ model folder)",
-        "data": "text files or folders (.txt, .txt.gz); repeatable",
-        "holdout": "fraction of whole books (stories) held out for validation",
-        "cache_dir": "where tokenizer and token arrays are cached (default OUT/cache)",
-        "tokenizer_chars": "characters of training text used to fit the BPE vocabulary",
-        "steps": "stop after this many optimizer steps",
-        "tokens": "stop after this many training tokens",
-        "minutes": "wall-clock budget; the learning-rate schedule follows it",
-        "stop_at": "pause at this step with a checkpoint (continue with --resume)",
-        "autocast": "compute dtype of matmuls (parameters stay fp32)",
-        "compile": "torch.compile the training forward/backward (faster steps after a slow first one)",
-        "save_dtype": "dtype of the shipped weights",
-        "threads": "torch CPU threads",
-        "install": "copy the final model folder into the package (innards/models/demo)",
-        "wandb": "also log to this wandb project",
-        "card_note": "an extra sentence for the model card (e.g. how busy the machine was)",
-    }
+    """an extra sentence for the model card (e.g. how busy the machine was)"""
 
 
 # ---------------------------------------------------------------- data

@@ -36,65 +36,61 @@ class ProbeConfig:
     """Probing run: model, site, task source, feature sets, protocol settings and output folder."""
 
     model: str = "demo"
+    """model name, alias (demo, minilm) or folder"""
     site: str = ""
+    """activation site, e.g. blocks.3.resid_post (required)"""
     tasks: str = "sae-probes"
+    """folder of task CSVs (SAE-Probes layout or any *.csv[.zst] with prompt,target) or 'sae-probes'"""
     tasks_filter: list[str] = field(default_factory=list)
+    """comma-separated globs on task names, e.g. '1*_*,*sent*'"""
     max_tasks: int | None = None
+    """probe only the first N selected tasks that can be probed (binary, enough rows)"""
     features: list[str] = field(default_factory=lambda: ["raw"])
+    """comma list of raw, mlp, glp:DIR, sae:DIR, pca:K"""
     mode: Literal["1d", "dense"] = "1d"
+    """1d: best single feature (SAE-Probes/GLP protocol); dense: one probe on all features"""
     t: float = 0.1
+    """noise level of GLP meta-neurons (paper: 0.1)"""
     seed: int = 42
+    """seed of the GLP noise and of the bootstrap"""
     out: str = ""
+    """output folder (required)"""
     split_seed: int = 42
+    """seed of the balanced train/test split (SAE-Probes: 42)"""
     max_train: int = 1024
+    """train rows: min(max_train, N - min_test)"""
     min_test: int = 100
+    """rows kept out of train: min(max_train, N - min_test)"""
     top_k: int = 512
+    """1-D pre-filter: candidates by |class-mean difference| (<= 0: all features)"""
     n_folds: int = 5
+    """cross-validation folds"""
     cs: list[float] = field(default_factory=lambda: list(CS))
+    """inverse L2 strengths searched by cross-validation"""
     max_iter: int = 1000
+    """L-BFGS iterations of the scikit-learn fits"""
     exact: bool = True
+    """re-run near-null 1-D candidates through scikit-learn so results equal it exactly"""
     token: Literal["auto", "last", "last_real"] = "auto"
+    """probed token: auto (last for decoders, last real token for encoders), last, last_real"""
     max_length: int | None = None
+    """truncate prompts from the left to this many tokens (default: context, at most 1024)"""
     batch_size: int = 32
+    """prompts per forward pass"""
     max_batch_tokens: int = 16384
+    """cap on padded tokens per forward pass"""
     dtype: str = "fp32"
+    """model dtype: fp32, bf16, fp16"""
     device: str | None = None
+    """cpu, cuda, cuda:1 (default: cuda when present)"""
     cache_dir: str | None = None
+    """activation cache folder (default OUT/cache)"""
     n_boot: int = 10000
+    """bootstrap resamples over tasks"""
     plot: bool = True
+    """write summary.png"""
     resume: bool = True
-
-
-ProbeConfig.__field_help__ = {
-    "model": "model name, alias (demo, minilm) or folder",
-    "site": "activation site, e.g. blocks.3.resid_post (required)",
-    "tasks": "folder of task CSVs (SAE-Probes layout or any *.csv[.zst] with prompt,target) or 'sae-probes'",
-    "tasks_filter": "comma-separated globs on task names, e.g. '1*_*,*sent*'",
-    "max_tasks": "probe only the first N selected tasks that can be probed (binary, enough rows)",
-    "features": "comma list of raw, mlp, glp:DIR, sae:DIR, pca:K",
-    "mode": "1d: best single feature (SAE-Probes/GLP protocol); dense: one probe on all features",
-    "t": "noise level of GLP meta-neurons (paper: 0.1)",
-    "seed": "seed of the GLP noise and of the bootstrap",
-    "out": "output folder (required)",
-    "split_seed": "seed of the balanced train/test split (SAE-Probes: 42)",
-    "max_train": "train rows: min(max_train, N - min_test)",
-    "min_test": "rows kept out of train: min(max_train, N - min_test)",
-    "top_k": "1-D pre-filter: candidates by |class-mean difference| (<= 0: all features)",
-    "n_folds": "cross-validation folds",
-    "cs": "inverse L2 strengths searched by cross-validation",
-    "max_iter": "L-BFGS iterations of the scikit-learn fits",
-    "exact": "re-run near-null 1-D candidates through scikit-learn so results equal it exactly",
-    "token": "probed token: auto (last for decoders, last real token for encoders), last, last_real",
-    "max_length": "truncate prompts from the left to this many tokens (default: context, at most 1024)",
-    "batch_size": "prompts per forward pass",
-    "max_batch_tokens": "cap on padded tokens per forward pass",
-    "dtype": "model dtype: fp32, bf16, fp16",
-    "device": "cpu, cuda, cuda:1 (default: cuda when present)",
-    "cache_dir": "activation cache folder (default OUT/cache)",
-    "n_boot": "bootstrap resamples over tasks",
-    "plot": "write summary.png",
-    "resume": "reuse per-task results of an earlier run with the same settings",
-}
+    """reuse per-task results of an earlier run with the same settings"""
 
 
 def _fingerprint(path: str) -> str:

@@ -257,37 +257,34 @@ class GenerateConfig:
     model: str = "demo"
     site: str = ""
     vector: str = ""
+    """steering vector: .safetensors / .pt / .npy file (FILE#ROW for a row) or sae:DIR:IDX"""
     strength: float = 1.0
+    """relative strength r: adds r * ||a|| * v (v unit-norm)"""
     norm: float | None = None
+    """||a||, the mean activation norm at the site (else from --acts or the GLP's statistics)"""
     acts: str | None = None
+    """activation store whose statistics give ||a||"""
     norm_stat: Literal["mean_norm", "rms_norm"] = "mean_norm"
     glp: str | None = None
+    """GLP folder: project every edited activation onto the learned manifold"""
     t_start: float = 0.5
+    """GLP projection start time (0 = identity, 1 = resample)"""
     steps: int = 20
     schedule: Literal["exact", "grid"] = "exact"
+    """exact: paper (steps-1 evaluations); grid: reference code (20-point grid)"""
     positions: Positions = "generated"
+    """generated | prompt | all | last (see innards.steer.generate)"""
     prompts: str = "stories"
+    """file of prompts, one per line ('stories' = the packaged story openings)"""
     max_new_tokens: int = 30
     temperature: float = 0.0
+    """0 = greedy"""
     top_p: float = 1.0
     seed: int = 0
     batch_size: int = 32
     dtype: str = "fp32"
     device: str | None = None
     out: str = "generations.jsonl"
-
-    __field_help__ = {
-        "vector": "steering vector: .safetensors / .pt / .npy file (FILE#ROW for a row) or sae:DIR:IDX",
-        "strength": "relative strength r: adds r * ||a|| * v (v unit-norm)",
-        "norm": "||a||, the mean activation norm at the site (else from --acts or the GLP's statistics)",
-        "acts": "activation store whose statistics give ||a||",
-        "glp": "GLP folder: project every edited activation onto the learned manifold",
-        "t_start": "GLP projection start time (0 = identity, 1 = resample)",
-        "schedule": "exact: paper (steps-1 evaluations); grid: reference code (20-point grid)",
-        "positions": "generated | prompt | all | last (see innards.steer.generate)",
-        "prompts": "file of prompts, one per line ('stories' = the packaged story openings)",
-        "temperature": "0 = greedy",
-    }
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> None:

@@ -35,13 +35,21 @@ class SweepConfig:
     vector: str = ""
     glp: str | None = None
     strengths: list[float] = field(default_factory=lambda: list(DEFAULT_STRENGTHS))
+    """relative strengths r, comma-separated (e.g. 0,0.25,0.5,1,2)"""
     methods: list[str] = field(default_factory=lambda: ["raw", "glp"])
+    """raw and/or glp"""
     prompts: str = "stories"
+    """prompt file, one per line ('stories' = the packaged story openings)"""
     concept: str = "sentiment"
+    """concept name: 'sentiment' is built in; others need --concept-pos/--concept-neg"""
     concept_pos: str | None = None
+    """sentences showing the concept (defines a new concept)"""
     concept_neg: str | None = None
+    """sentences not showing it"""
     data_dir: str | None = None
+    """shared data folder for built-in concepts (default $INNARDS_DATA_DIR or ../shared/data)"""
     evaluator_max_per_class: int | None = None
+    """subsample the evaluator's training sentences (default: all)"""
     norm: float | None = None
     acts: str | None = None
     norm_stat: Literal["mean_norm", "rms_norm"] = "mean_norm"
@@ -49,6 +57,7 @@ class SweepConfig:
     steps: int = 20
     schedule: Literal["exact", "grid"] = "exact"
     positions: Positions = "generated"
+    """generated | prompt | all | last (see innards.steer.generate)"""
     max_new_tokens: int = 30
     temperature: float = 0.0
     top_p: float = 1.0
@@ -58,18 +67,6 @@ class SweepConfig:
     dtype: str = "fp32"
     device: str | None = None
     out: str = "steer-sweep"
-
-    __field_help__ = {
-        "strengths": "relative strengths r, comma-separated (e.g. 0,0.25,0.5,1,2)",
-        "methods": "raw and/or glp",
-        "prompts": "prompt file, one per line ('stories' = the packaged story openings)",
-        "concept": "concept name: 'sentiment' is built in; others need --concept-pos/--concept-neg",
-        "concept_pos": "sentences showing the concept (defines a new concept)",
-        "concept_neg": "sentences not showing it",
-        "data_dir": "shared data folder for built-in concepts (default $INNARDS_DATA_DIR or ../shared/data)",
-        "evaluator_max_per_class": "subsample the evaluator's training sentences (default: all)",
-        "positions": "generated | prompt | all | last (see innards.steer.generate)",
-    }
 
 
 def parse_strengths(values: Any) -> list[float]:

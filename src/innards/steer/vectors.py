@@ -282,24 +282,21 @@ class VectorConfig:
     """``innards steer vector``: a difference-of-means steering vector from two sentence files."""
 
     model: str = "demo"
+    """model name, alias (demo, all-MiniLM-L6-v2) or local directory"""
     site: str = ""
+    """activation site, e.g. blocks.3.resid_post"""
     pos: str = ""
+    """file of sentences showing the concept, one per line"""
     neg: str = ""
+    """file of sentences not showing it (at most 10x more or fewer than --pos)"""
     token: Literal["last", "mean"] = "last"
+    """last: the last non-special token; mean: mean over non-special tokens"""
     out: str = "vector.safetensors"
+    """output .safetensors file"""
     batch_size: int = 16
     max_length: int = 512
     dtype: str = "fp32"
     device: str | None = None
-
-    __field_help__ = {
-        "model": "model name, alias (demo, all-MiniLM-L6-v2) or local directory",
-        "site": "activation site, e.g. blocks.3.resid_post",
-        "pos": "file of sentences showing the concept, one per line",
-        "neg": "file of sentences not showing it (at most 10x more or fewer than --pos)",
-        "token": "last: the last non-special token; mean: mean over non-special tokens",
-        "out": "output .safetensors file",
-    }
 
 
 def build_vector(cfg: VectorConfig) -> Path:
