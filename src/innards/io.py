@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,28 @@ def atomic_write_bytes(path: str | Path, data: bytes | memoryview | list[bytes |
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_orphans(folder: str | Path) -> int:
+    """Delete temporary files (``.NAME.tmpPID``) left in ``folder`` by processes that no longer run."""
+    n = 0
+    for p in Path(folder).glob(".*.tmp*"):
+        pid = p.name.rsplit(".tmp", 1)[-1]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
@@ -68,12 +91,25 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
     """Atomically save tensors as safetensors; returns the file's SHA-256."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        except OSError:
+            raise
+        except Exception as e:  # safetensors reports a full disk as its own error type
+            raise InnardsError(f"cannot write {path}: {str(e).splitlines()[0][:200]}") from None
+        # safetensors writes through a private (0600) temporary file; artifacts follow the umask like our JSON
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         digest = sha256_file(tmp)
