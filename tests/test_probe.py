@@ -33,7 +33,7 @@ def _task(path, n, seed, labels=("negative", "positive")):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model_dir):
     from innards.glp.model import GLP, GLPConfig
-    from innards.glp.sae import TopKSAE
+    from innards.sae.model import TopKSAE
     from innards.models.load import load_model
     from innards.models.sites import resolve_site
 

@@ -1,11 +1,15 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+import yaml
+from safetensors.torch import load_file, save_file
 
 from innards.errors import InnardsError
-from innards.glp.sae import TopKSAE, fit_topk_sae, load_sae, parse_latents
+from innards.sae.load import load_sae
+from innards.sae.model import TopKSAE
+from innards.sae.train import fit_topk_sae, parse_latents
 
 
 def _write_saelens(path, cfg, weights):
@@ -150,3 +154,137 @@ def test_train_sae_cli_on_a_store(tiny_model_dir, tmp_path):
     assert main(args) == 2  # refuses to replace without --overwrite, and leaves it intact
     assert (out / "sae_weights.safetensors").read_bytes() == before
     assert (out / "metrics.jsonl").is_file() and (out / "config.yaml").is_file()
+
+
+# ----- SAELens's own files and outputs (../shared/fixtures/saelens, written by sae-lens 6.54.12) ---------
+FIX = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+ARCHS = ("standard", "topk", "jumprelu")
+needs_fixtures = pytest.mark.skipif(not (FIX / "saelens" / "topk" / "expected.safetensors").is_file(),
+                                    reason="../shared/fixtures is absent")
+
+
+def _saelens_outputs(sae, e):
+    xin = e["x"] - sae.b_dec * sae.apply_b_dec_to_input
+    return {"sae_in": xin, "hidden_pre": sae.pre_activations(e["x"]), "feature_acts": sae.encode(e["x"]),
+            "decoded": sae.decode(e["feature_acts"]), "forward": sae(e["x"]), "feature_acts_3d": sae.encode(e["x3"]),
+            "forward_3d": sae(e["x3"]), "decode_output": sae.decode(e["decode_input"])}
+
+
+@needs_fixtures
+@pytest.mark.parametrize("arch", ARCHS)
+def test_saelens_fixture_parity(arch):
+    e = load_file(str(FIX / "saelens" / arch / "expected.safetensors"))
+    sae = load_sae(FIX / "saelens" / arch)
+    assert sae.architecture == arch and (sae.d_in, sae.d_sae) == (16, 64)
+    assert sae.hook_name == "blocks.1.hook_resid_post" and sae.model_name == "innards-test/tiny-llm-d16"
+    for k, v in _saelens_outputs(sae, e).items():
+        torch.testing.assert_close(v, e[k], atol=1e-6, rtol=1e-6, msg=f"{arch} {k}")
+    if arch == "topk":
+        assert ((e["feature_acts"] > 0).sum(-1) <= 8).all() and torch.equal(sae.encode(e["x"]) > 0, e["feature_acts"] > 0)
+
+
+@needs_fixtures
+@pytest.mark.parametrize("arch", ARCHS)
+def test_saelens_by_hub_id_offline(arch, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    e = load_file(str(FIX / "saelens" / arch / "expected.safetensors"))
+    a = load_sae(f"innards-test/saelens-tiny/{arch}", cache_dir=FIX / "hf-cache")
+    monkeypatch.setenv("HF_HUB_CACHE", str(FIX / "hf-cache"))
+    b = load_sae("innards-test/saelens-tiny", sae_id=arch)
+    for sae in (a, b):
+        assert torch.equal(sae(e["x"]), load_sae(FIX / "saelens" / arch)(e["x"]))
+        assert sae.cfg["innards_source"]["repo_id"] == "innards-test/saelens-tiny"
+    with pytest.raises(InnardsError, match="not in the Hugging Face cache.*HF_HUB_OFFLINE") as err:
+        load_sae("innards-test/not-cached/topk")
+    assert "\n" not in str(err.value)
+
+
+@needs_fixtures
+def test_fold_W_dec_norm_keeps_outputs_like_saelens():
+    for arch in ("standard", "jumprelu"):
+        e = load_file(str(FIX / "saelens" / arch / "expected.safetensors"))
+        sae = load_sae(FIX / "saelens" / arch, fold_W_dec_norm=True)
+        torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(64))
+        torch.testing.assert_close(sae(e["x"]), e["forward"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sae.encode(e["x"]) > 0, e["feature_acts"] > 0)
+    with pytest.raises(InnardsError, match="TopK"):
+        load_sae(FIX / "saelens" / "topk", fold_W_dec_norm=True)
+
+
+@needs_fixtures
+def test_topk_rescaled_by_decoder_norm_folds(tmp_path):
+    src = FIX / "saelens" / "topk"
+    cfg = json.loads((src / "cfg.json").read_text())
+    d = _write_saelens(tmp_path / "r", {**cfg, "rescale_acts_by_decoder_norm": True}, load_file(str(src / "sae_weights.safetensors")))
+    x = load_file(str(src / "expected.safetensors"))["x"]
+    sae = load_sae(d)
+    w = sae.W_dec.detach()
+    pre = (x @ sae.W_enc + sae.b_enc) * w.norm(dim=-1)
+    vals, idx = pre.topk(8, dim=-1)
+    z = torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+    torch.testing.assert_close(sae(x), (z * (1 / w.norm(dim=-1))) @ w + sae.b_dec)
+    folded = load_sae(d, fold_W_dec_norm=True)
+    torch.testing.assert_close(folded(x), sae(x), atol=1e-5, rtol=1e-5)
+
+
+def test_gated_and_other_architectures_name_themselves(tmp_path):
+    w = _weights()
+    gated = {"W_enc": w["W_enc"], "W_dec": w["W_dec"], "b_dec": w["b_dec"], "b_gate": torch.zeros(10),
+             "b_mag": torch.zeros(10), "r_mag": torch.zeros(10)}
+    for arch in ("gated", "batchtopk", "transcoder"):
+        p = _write_saelens(tmp_path / arch, {"architecture": arch, "d_in": 6, "d_sae": 10}, gated)
+        with pytest.raises(InnardsError, match=f"architecture '{arch}', which innards does not support") as e:
+            load_sae(p)
+        assert "b_enc" not in str(e.value) and "\n" not in str(e.value)
+
+
+def _fake_saelens(root: Path, monkeypatch, registry: dict) -> None:
+    """An importable ``sae_lens`` that is only its registry file: what innards reads without importing sae-lens."""
+    import importlib
+
+    from innards.sae import load as sae_load
+
+    pkg = root / "sae_lens"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "pretrained_saes.yaml").write_text(yaml.safe_dump(registry))
+    monkeypatch.syspath_prepend(str(root))
+    importlib.invalidate_caches()
+    sae_load._registry.cache_clear()
+    monkeypatch.setattr(sae_load, "_registry", sae_load._registry.__wrapped__)
+
+
+@needs_fixtures
+def test_saelens_registry_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(FIX / "hf-cache"))
+    _fake_saelens(tmp_path, monkeypatch, {
+        "tiny-res": {"repo_id": "innards-test/saelens-tiny", "model": "innards-test/tiny-llm-d16", "conversion_func": None,
+                     "saes": [{"id": "layer_1/topk", "path": "topk"}],
+                     "config_overrides": {"hook_name": "blocks.1.hook_resid_pre"}},
+        "tiny-scaled": {"repo_id": "innards-test/saelens-tiny", "model": "innards-test/tiny-llm-d16",
+                        "saes": [{"id": "std", "path": "standard", "norm_scaling_factor": 0.5}],
+                        "config_overrides": {"normalize_activations": "expected_average_only_in"}}})
+    e = load_file(str(FIX / "saelens" / "topk" / "expected.safetensors"))
+    sae = load_sae("tiny-res/layer_1/topk")
+    torch.testing.assert_close(sae(e["x"]), e["forward"], atol=1e-6, rtol=1e-6)
+    assert sae.hook_name == "blocks.1.hook_resid_pre" and sae.cfg["innards_source"]["saelens_release"] == "tiny-res"
+    assert torch.equal(load_sae("tiny-res", sae_id="layer_1/topk")(e["x"]), sae(e["x"]))
+    # the registry's activation-norm factor, folded as SAELens folds it: same as running on 0.5 x
+    s = load_sae("tiny-scaled/std")
+    e2 = load_file(str(FIX / "saelens" / "standard" / "expected.safetensors"))
+    raw = load_sae(FIX / "saelens" / "standard")
+    torch.testing.assert_close(s(e2["x"]), raw(0.5 * e2["x"]) / 0.5, atol=1e-5, rtol=1e-5)
+    with pytest.raises(InnardsError, match="has no SAE 'layer_9'.*layer_1/topk"):
+        load_sae("tiny-res/layer_9")
+
+
+@needs_fixtures
+@pytest.mark.parametrize("arch", ARCHS)
+def test_real_saelens_agrees(arch):
+    sae_lens = pytest.importorskip("sae_lens")
+    e = load_file(str(FIX / "saelens" / arch / "expected.safetensors"))
+    theirs = sae_lens.SAE.load_from_disk(str(FIX / "saelens" / arch))
+    ours = load_sae(FIX / "saelens" / arch)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(e["x"]), theirs(e["x"]), atol=1e-6, rtol=1e-6)

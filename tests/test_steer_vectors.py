@@ -109,7 +109,7 @@ def test_formats_are_unit_normalised(tmp_path):
 
 
 def test_sae_decoder_row(tiny, tmp_path):
-    from innards.glp.sae import TopKSAE
+    from innards.sae.model import TopKSAE
 
     _, model = tiny
     sae = TopKSAE(32, 64, k=4)

@@ -53,15 +53,15 @@ _LAZY = {
     "GLPTrainConfig": "innards.glp.train",
     "train_glp": "innards.glp.train",
     "evaluate_glp": "innards.glp.evaluate",
-    "TopKSAE": "innards.glp.sae",
-    "train_sae": "innards.glp.sae",
-    "SAETrainConfig": "innards.glp.sae",
+    "TopKSAE": "innards.sae.model",
+    "train_sae": "innards.sae.train",
+    "SAETrainConfig": "innards.sae.train",
     "EvalConfig": "innards.glp.evaluate",
     "scale": "innards.glp.scale",
     "ScaleConfig": "innards.glp.scale",
     "frechet_distance": "innards.glp.fd",
     "c2st_auc": "innards.glp.c2st",
-    "load_sae": "innards.glp.sae",
+    "load_sae": "innards.sae.load",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from innards.config import command
-from innards.glp.sae import SAETrainConfig, train_sae
+from innards.sae.train import SAETrainConfig, train_sae
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -203,7 +203,7 @@ def _check_store(glp: Any, store: Any, site: str, what: str) -> None:
 
 
 def _quick_sae(cfg: EvalConfig, site: str, out_json: Path) -> Path:
-    from innards.glp.sae import SAETrainConfig, train_sae
+    from innards.sae.train import SAETrainConfig, train_sae
 
     store = _open_store(cfg.acts, "acts")
     n_train = len(store.split_rows("train"))
@@ -290,7 +290,8 @@ def evaluate_glp(cfg: EvalConfig) -> dict[str, Any]:
 
     sae, sae_info, x_sae = None, None, None
     if cfg.sae or cfg.train_sae:
-        from innards.glp.sae import evaluate_sae, load_sae
+        from innards.sae.load import load_sae
+        from innards.sae.train import evaluate_sae
 
         sae_dir = Path(cfg.sae) if cfg.sae else _quick_sae(cfg, site, out)
         sae = load_sae(sae_dir)

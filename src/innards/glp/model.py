@@ -15,7 +15,12 @@ Multi-site variant: the embedding of the site's index i (position in ``meta["sit
 the time embedding, as the reference adds a layer embedding. The reference feeds depth in [0, 1] to
 the max-period-10000 sinusoid, whose vectors for 16 layers have cosine similarity > 0.99; here the
 sinusoid gets ``site_scale * i`` (100 by default), which keeps every pair of sites at cosine <= 0.44
-however many sites there are, so the learned MLP starts from well separated inputs.
+however many sites there are, so the learned MLP starts from well separated inputs. A multi-layer GLP
+of the reference (depth = layer / (n - 1)) is ``site_scale = 1 / (n - 1)`` (see ``glp/reference.py``).
+
+Timesteps and site positions are scaled in float64 and rounded once to float32, so the network input
+for a float32 time t is exactly the reference's float32 ``1000 * sigma``, and a float64 t = tau / 1000
+gives tau back. ``from_pretrained`` also reads the reference's released layout and hub ids.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from innards import hub
 from innards.errors import ChecksumError, InnardsError
+from innards.glp import reference as ref
 from innards.glp import schedule as sch
 from innards.io import load_tensors, read_json, save_tensors, sha256_file, write_json
 
@@ -38,6 +45,18 @@ FORMAT = "innards-glp"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+SAVE_FORMATS = ("innards", "reference")
+
+
+class _NoSite:
+    """Type of :data:`NO_SITE`."""
+
+    def __repr__(self) -> str:
+        return "NO_SITE"
+
+
+# forward(z, t, site=NO_SITE): the network without any site embedding (the reference's layer_idx=None)
+NO_SITE = _NoSite()
 
 
 @dataclass
@@ -200,7 +219,8 @@ class GLP(nn.Module):
         if have.get("sha256") and want.get("sha256"):
             same = have["sha256"] == want["sha256"]
         else:
-            same = bool(want.get("name")) and want.get("name") in (have.get("name"), have.get("path"))
+            names = {n for n in (want.get("name"), want.get("repo_id")) if n}
+            same = bool(names & {n for n in (have.get("name"), have.get("path"), have.get("repo_id")) if n})
         if not same:
             raise InnardsError(f"this GLP was trained on model '{have.get('name')}', not '{want.get('name')}'")
         if site not in self.meta["sites"]:
@@ -212,12 +232,12 @@ class GLP(nn.Module):
     def conditioning(self, t: torch.Tensor | float, site: Any = None, device: torch.device | None = None) -> torch.Tensor:
         """Per-block gate multipliers c (rows, n_blocks * d_mlp) from the time (and site) embedding."""
         device = device or self.in_proj.weight.device
-        t = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1)
-        e = self.time_embed(sinusoid(self.config.time_scale * t, self.config.d_model))
-        if self.site_embed is not None:
-            i = self.site_index(site)
-            i = torch.as_tensor(i, device=device).reshape(-1).float()
-            e = e + self.site_embed(sinusoid(self.config.site_scale * i, self.config.d_model))
+        tt = torch.as_tensor(t, device=device)
+        tt = tt.reshape(-1) if tt.is_floating_point() else tt.reshape(-1).float()
+        e = self.time_embed(sinusoid(_scaled(tt, self.config.time_scale), self.config.d_model))
+        if self.site_embed is not None and site is not NO_SITE:
+            i = torch.as_tensor(self.site_index(site), device=device).reshape(-1)
+            e = e + self.site_embed(sinusoid(_scaled(i, self.config.site_scale), self.config.d_model))
         return self.time_proj(e)
 
     def forward(self, z: torch.Tensor, t: torch.Tensor | float, site: Any = None) -> torch.Tensor:
@@ -246,6 +266,23 @@ class GLP(nn.Module):
             h = h + block.down(m)
         return torch.cat(out, dim=-1)
 
+    def __repr__(self) -> str:
+        """One line: what the GLP models, its size and how far it was trained (not nn.Module's module dump)."""
+        src = self.meta.get("model")
+        name = src.get("name") if isinstance(src, dict) else src
+        c, tr = self.config, self.meta.get("training") or {}
+        sites = self.meta.get("sites") or []
+        site = sites[0] if len(sites) == 1 else (f"{len(sites)} sites" if sites else None)
+        n = self.n_params
+        size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+        parts = [f"model={name!r}", f"site={site!r}", f"d_in={c.d_in}", f"blocks={c.n_blocks}", f"d_model={c.d_model}",
+                 f"d_mlp={c.d_mlp}", f"params={size}"]
+        if tr.get("activations") is not None:
+            parts.append(f"trained_on={tr['activations']:,}")
+        if isinstance(tr.get("val_loss"), (int, float)):
+            parts.append(f"val_loss={tr['val_loss']:.4g}")
+        return f"GLP({', '.join(parts)})"
+
     @property
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -272,6 +309,13 @@ class GLP(nn.Module):
     def _randn(self, shape: tuple[int, ...], gen: torch.Generator | None) -> torch.Tensor:
         return torch.randn(shape, generator=gen, device=self.device, dtype=torch.float32)
 
+    def _given_noise(self, noise: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+        if noise is None:
+            return None
+        if noise.numel() != rows * self.config.d_in:
+            raise InnardsError(f"noise has {noise.numel()} values, expected {rows} rows of width {self.config.d_in}")
+        return noise.reshape(rows, self.config.d_in).to(device=self.device, dtype=torch.float32)
+
     def _velocity_fn(self, site: Any) -> sch.Velocity:
         # a scalar t per call: the time MLP runs on one row and broadcasts over the batch
         return lambda z, t: self(z, t, site)
@@ -279,14 +323,18 @@ class GLP(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, steps: int = 100, solver: str = "euler", seed: int | None = None, site: Any = None,
                schedule: str = "uniform", batch_size: int = 16384, normalized: bool = False,
-               progress: bool = False) -> torch.Tensor:
-        """Draw n activations (n, d_in), denormalised unless ``normalized``; Euler, Heun or AB2 from t = 1 to 0."""
+               progress: bool = False, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Draw n activations (n, d_in), denormalised unless ``normalized``; Euler, Heun or AB2 from t = 1 to 0.
+
+        ``noise``: the starting noise (n rows of d_in, any leading shape) instead of drawing it from ``seed``.
+        """
         grid = sch.sample_grid(steps, schedule)
         gen = self._gen(seed)
+        eps = self._given_noise(noise, n)
         out = []
         for i in range(0, n, batch_size):
             b = min(batch_size, n - i)
-            z = self._randn((b, self.config.d_in), gen)
+            z = self._randn((b, self.config.d_in), gen) if eps is None else eps[i:i + b]
             z = sch.integrate(self._velocity_fn(site), z, grid, solver,
                               progress=f"sample {i + b}/{n}" if progress else None)
             out.append(z if normalized else self.denormalize(z, site))
@@ -294,12 +342,14 @@ class GLP(nn.Module):
 
     @torch.no_grad()
     def project(self, acts: torch.Tensor, t_start: float = 0.5, steps: int = 20, schedule: str = "exact",
-                seed: int | None = None, site: Any = None, batch_size: int = 16384, solver: str = "euler") -> torch.Tensor:
+                seed: int | None = None, site: Any = None, batch_size: int = 16384, solver: str = "euler",
+                noise: torch.Tensor | None = None) -> torch.Tensor:
         """SDEdit onto the learned manifold: normalise, noise to t_start, integrate to 0, denormalise.
 
         Any leading shape; the dtype and device of ``acts`` are kept. ``schedule="exact"`` follows the
         paper (linspace(t_start, 0, steps): steps - 1 evaluations); ``"grid"`` the reference code
-        (t = 0.5, 20 steps -> start at 0.474211, 10 evaluations).
+        (t = 0.5, 20 steps -> start at 0.474211, 10 evaluations). ``noise``: the noise to use (one row
+        per activation) instead of drawing it from ``seed``.
         """
         grid = sch.sdedit_grid(t_start, steps, schedule)
         if len(grid) < 2:
@@ -307,20 +357,33 @@ class GLP(nn.Module):
         self._check_width(acts)
         flat = acts.reshape(-1, acts.shape[-1])
         gen = self._gen(seed)
+        eps = self._given_noise(noise, flat.shape[0])
         out = []
         for i in range(0, flat.shape[0], batch_size):
             si = _chunk(site, i, batch_size)
             x = self.normalize(flat[i:i + batch_size].to(self.device), si)
-            z = (1.0 - grid[0]) * x + grid[0] * self._randn(tuple(x.shape), gen)
+            e = self._randn(tuple(x.shape), gen) if eps is None else eps[i:i + batch_size]
+            z, _ = sch.flow_matching_inputs(x, e, grid[0])
             z = sch.integrate(self._velocity_fn(si), z, grid, solver)
             out.append(self.denormalize(z, si))
         y = torch.cat(out) if out else flat.float()
         return y.to(device=acts.device, dtype=acts.dtype).reshape(acts.shape)
 
+    def flow_matching_loss(self, acts: torch.Tensor, t: torch.Tensor | float, eps: torch.Tensor, site: Any = None) -> torch.Tensor:
+        """The training objective per row (glp-reference.md §3.1): x = normalise(acts), z_t = (1 - t) x + t eps,
+        mean over dims of (v(z_t, t) - (eps - x))^2, in float32 (also under autocast). Differentiable; the
+        trainer, its validation loss and :meth:`loss` all call this one function."""
+        x = self.normalize(acts, site)
+        z, target = sch.flow_matching_inputs(x, eps, t)
+        return (self(z, t, site).float() - target).pow(2).mean(-1)
+
     @torch.no_grad()
     def loss(self, acts: torch.Tensor, t: float | torch.Tensor, seed: int | None = None, site: Any = None,
-             batch_size: int = 16384) -> torch.Tensor:
-        """Per-sample flow-matching loss mean((v(z_t, t) - (eps - x))^2) over dims, shape acts.shape[:-1]."""
+             batch_size: int = 16384, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample flow-matching loss mean((v(z_t, t) - (eps - x))^2) over dims, shape acts.shape[:-1].
+
+        ``noise``: eps (one row per activation) instead of drawing it from ``seed``.
+        """
         self._check_width(acts)
         flat = acts.reshape(-1, acts.shape[-1])
         tt = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
@@ -328,15 +391,14 @@ class GLP(nn.Module):
         if tt.numel() != flat.shape[0]:
             raise InnardsError(f"t must be a scalar or one value per activation ({flat.shape[0]}), got {tt.numel()}")
         gen = self._gen(seed)
+        given = self._given_noise(noise, flat.shape[0])
         out = []
         for i in range(0, flat.shape[0], batch_size):
             si = _chunk(site, i, batch_size)
-            x = self.normalize(flat[i:i + batch_size].to(self.device), si)
+            a = flat[i:i + batch_size].to(self.device)
             ti = tt[i:i + batch_size].to(self.device)
-            eps = self._randn(tuple(x.shape), gen)
-            z = (1.0 - ti[:, None]) * x + ti[:, None] * eps
-            v = self(z, ti, si)
-            out.append(((v - (eps - x)) ** 2).mean(-1))
+            eps = self._randn(tuple(a.shape), gen) if given is None else given[i:i + batch_size]
+            out.append(self.flow_matching_loss(a, ti, eps, si))
         y = torch.cat(out) if out else torch.empty(0, device=self.device)
         return y.reshape(acts.shape[:-1])
 
@@ -366,8 +428,13 @@ class GLP(nn.Module):
 
     # ----- persistence ----------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, training: dict[str, Any] | None = None,
-                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write model.safetensors (weights + float64 statistics) and config.json (written last)."""
+                        state_dict: dict[str, torch.Tensor] | None = None, format: str = "innards") -> Path:
+        """Write the GLP: innards' layout (model.safetensors with float64 statistics, config.json written
+        last), or with ``format="reference"`` the reference's (config.yaml, final.safetensors, rep_statistics.pt)."""
+        if format not in SAVE_FORMATS:
+            raise InnardsError(f"unknown GLP format '{format}' (choose {', '.join(SAVE_FORMATS)})")
+        if format == "reference":
+            return ref.write_folder(self, path, state_dict)
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().cpu() for k, v in (state_dict or self.state_dict()).items()}
@@ -397,13 +464,46 @@ class GLP(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> "GLP":
-        """Load a GLP folder written by :meth:`save_pretrained` (checksums verified)."""
-        p = Path(path)
-        if not p.exists():
-            raise InnardsError(f"GLP folder not found: {p}")
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, *, revision: str | None = None,
+                        checkpoint: str | None = None, cache_dir: str | Path | None = None,
+                        restats: str | Path | None = None) -> "GLP":
+        """Load a GLP: an innards folder, a folder in the reference's released layout, or a hub id of either.
+
+        ``path``: a folder or ``org/name[@revision]`` (the Hugging Face cache first; downloads only the
+        files of the one checkpoint asked for, and nothing when HF_HUB_OFFLINE is set). ``checkpoint``:
+        ``final`` (default), a reference ``epoch_XXXX`` or an innards ``step_XXXXXXX``. ``restats``: an
+        activation store whose whole-store statistics replace the checkpoint's (see glp/reference.py).
+        """
+        r = hub.resolve(path, what="GLP", revision=revision, patterns=_hub_patterns(checkpoint), cache=cache_dir,
+                        complete=lambda d: _loadable(d, checkpoint))
+        p = r.path
         if not p.is_dir():
             raise InnardsError(f"not a GLP folder (not a directory): {p}")
+        if (p / CONFIG).is_file():
+            model = cls._load_innards(_innards_checkpoint(p, checkpoint))
+        elif (p / ref.CONFIG).is_file():
+            arch, tensors, meta = ref.load_folder(p, checkpoint)
+            model = cls(GLPConfig(**arch))
+            try:
+                model.load_state_dict(tensors)
+            except RuntimeError as e:
+                raise InnardsError(f"reference GLP {p}: the checkpoint does not fit config.yaml's architecture "
+                                   f"({str(e).splitlines()[-1].strip()[:160]})") from None
+            model.set_meta(meta)
+            model.eval()
+        else:
+            raise InnardsError(f"not a GLP folder (no {CONFIG} or {ref.CONFIG}): {p}")
+        if r.repo_id:
+            model.meta["hub"] = r.source()
+        if restats is not None:
+            ref.restats(model, restats)
+        if device is not None:
+            model.to(device)
+        return model
+
+    @classmethod
+    def _load_innards(cls, p: Path) -> "GLP":
+        """Load a folder written by save_pretrained(format="innards"), checksums verified."""
         if not (p / CONFIG).is_file():
             raise InnardsError(f"not a GLP folder (no {CONFIG}): {p}")
         cfg = read_json(p / CONFIG, what="GLP config")
@@ -431,16 +531,55 @@ class GLP(nn.Module):
                 raise InnardsError(f"GLP checkpoint {wpath} lacks the statistics of site '{s}'") from None
             stats_by_site[s].pop("site", None)
         model = cls(arch)
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(tensors, strict=False)
+        except RuntimeError as e:  # a size mismatch: config.json's architecture was edited or belongs to other weights
+            raise InnardsError(f"GLP checkpoint {wpath} does not match the architecture in {p / CONFIG} "
+                               f"({str(e).splitlines()[-1].strip()[:160]})") from None
         if missing or unexpected:
             raise InnardsError(f"GLP checkpoint {wpath} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
         model.set_meta({"model": cfg.get("source_model"), "sites": cfg.get("sites") or [], "site_info": cfg.get("site_info"),
                         "index_convention": cfg.get("index_convention"), "training": cfg.get("training") or {},
                         "stats_by_site": stats_by_site})
         model.eval()
-        if device is not None:
-            model.to(device)
         return model
+
+
+def _innards_checkpoint(p: Path, checkpoint: str | None) -> Path:
+    """The folder of an innards checkpoint: the GLP itself for final, else checkpoints/<name>."""
+    d = _checkpoint_dir(p, checkpoint)
+    if d != p and not (d / CONFIG).is_file():
+        have = sorted(q.parent.name for q in (p / "checkpoints").glob(f"*/{CONFIG}"))
+        raise InnardsError(f"GLP {p} has no checkpoint '{d.name}' (it has: {', '.join(have) or 'none'})")
+    return d
+
+
+def _checkpoint_dir(d: Path, checkpoint: str | None) -> Path:
+    if not checkpoint or checkpoint == "final":
+        return d
+    return d / "checkpoints" / checkpoint.strip().removeprefix("checkpoints/")
+
+
+def _hub_patterns(checkpoint: str | None) -> list[str]:
+    """Files to fetch from a GLP hub repo of either layout, for one checkpoint."""
+    c = _checkpoint_dir(Path(), checkpoint)
+    mine = [CONFIG, WEIGHTS] if c == Path() else [CONFIG, f"{c.as_posix()}/{CONFIG}", f"{c.as_posix()}/{WEIGHTS}"]
+    return mine + ref.hub_patterns(checkpoint)
+
+
+def _loadable(d: Path, checkpoint: str | None) -> bool:
+    """Whether a cached snapshot already holds the files for this checkpoint (either layout)."""
+    if (d / CONFIG).is_file():
+        c = _checkpoint_dir(d, checkpoint)
+        return (c / CONFIG).is_file() and (c / WEIGHTS).is_file()
+    return all((d / f).is_file() for f in ref.hub_patterns(checkpoint))
+
+
+def _scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x * scale rounded once to float32 (a float64 product: exact for float32 x, and tau / 1000 * 1000 = tau)."""
+    if x.device.type == "mps":  # no float64 there
+        return x.float() * scale
+    return (x.double() * scale).float()
 
 
 def _chunk(site: Any, i: int, n: int) -> Any:
@@ -488,16 +627,23 @@ def _model_identity(model: Any) -> dict[str, Any]:
 
 
 def is_glp_dir(path: str | Path) -> bool:
-    """True when ``path`` holds a GLP written by save_pretrained (config only; not verified)."""
+    """True when ``path`` holds a GLP in innards' or the reference's layout (config only; not verified)."""
     p = Path(path) / CONFIG
     if not p.is_file():
-        return False
+        return ref.is_reference_dir(path)
     try:
         return read_json(p).get("format") == FORMAT
     except InnardsError:
         return False
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a GLP's weights file (for provenance records)."""
-    return sha256_file(Path(path) / WEIGHTS)
+def file_sha256(path: str | Path, checkpoint: str | None = None, revision: str | None = None) -> str:
+    """SHA-256 of a GLP's weights file, for a folder of either layout or a hub id (for provenance records)."""
+    d = hub.resolve(path, what="GLP", revision=revision, patterns=_hub_patterns(checkpoint),
+                    complete=lambda x: _loadable(x, checkpoint)).path
+    if (d / CONFIG).is_file():
+        return sha256_file(_innards_checkpoint(d, checkpoint) / WEIGHTS)
+    w = d / f"{ref.checkpoint_name(checkpoint)}.safetensors"
+    if not w.is_file():
+        raise InnardsError(f"no GLP weights at {w}")
+    return sha256_file(w)

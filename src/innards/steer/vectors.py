@@ -183,7 +183,7 @@ def _load_sae_row(spec: str) -> tuple[torch.Tensor, dict]:
     sae_dir, _, idx = body.rpartition(":")
     if not sae_dir or not idx.lstrip("-").isdigit():
         raise InnardsError(f"SAE decoder rows are written sae:DIR:IDX, got '{spec}'")
-    from innards.glp.sae import load_sae
+    from innards.sae.load import load_sae
 
     sae = load_sae(sae_dir)
     w = sae_decoder(sae)
