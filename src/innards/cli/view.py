@@ -1,0 +1,14 @@
+"""``innards view DIR [DIR ...]``: a local web app over every innards run found under the folders."""
+
+from __future__ import annotations
+
+from innards.config import command
+from innards.viewer.server import ViewConfig, view
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `innards view`."""
+    return command(ViewConfig, view, argv, prog="innards view", positional="dirs",
+                   description="Discover every innards run (stores, GLPs, evals, SAEs, sweeps, probes, meta-neurons, "
+                               "VPD runs and analyses, scaling sweeps) under the folders and serve them at a local URL; "
+                               "with --model, also a live steering playground. Ctrl-C stops.")
