@@ -36,6 +36,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("vpd", "contexts"): ("vpd_contexts", "top-activating contexts per component"),
     ("vpd", "ablate"): ("vpd_ablate", "effect of removing a component on the next token"),
     ("vpd", "graph"): ("vpd_graph", "attribution graph among components active on a prompt"),
+    ("view",): ("view", "browse every run under some folders in a local web app"),
+    ("report",): ("report", "write the viewer's pages of some folders as a static site"),
+    ("export", "neuronpedia"): ("export_neuronpedia", "meta-neurons / VPD subcomponents as Neuronpedia dashboards"),
+    ("bench", "view"): ("bench_view", "benchmark the viewer on runs with 20k neurons / 50k subcomponents"),
 }
 
 
