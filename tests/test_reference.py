@@ -400,6 +400,25 @@ def test_restats_replaces_the_first_shard_statistics(tmp_path, tiny_model_dir):
                                           "model": {"name": "someone/else"}}), store)
 
 
+def test_innards_layout_by_hub_id_with_a_checkpoint(tmp_path, monkeypatch):
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    snap = tmp_path / "cache" / "models--me--my-glp" / "snapshots" / sha
+    glp, ck = _random_glp(1, seed=0), _random_glp(1, seed=5)
+    glp.save_pretrained(snap)
+    ck.save_pretrained(snap / "checkpoints" / "step_0000010")
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    x = torch.randn(3, 12)
+    assert torch.equal(GLP.from_pretrained("me/my-glp")(x, 0.2), glp(x, 0.2))
+    assert torch.equal(GLP.from_pretrained("me/my-glp", checkpoint="step_0000010")(x, 0.2), ck(x, 0.2))
+    with pytest.raises(InnardsError, match="without the files needed"):
+        GLP.from_pretrained("me/my-glp", checkpoint="step_0000020")
+    assert file_sha256("me/my-glp") == file_sha256(snap)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_statistics_file_is_read_only_as_tensors(tmp_path):
     p = tmp_path / "rep_statistics.pt"
     buf = io.BytesIO()

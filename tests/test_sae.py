@@ -1,4 +1,5 @@
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -249,9 +250,10 @@ def _fake_saelens(root: Path, monkeypatch, registry: dict) -> None:
     (pkg / "__init__.py").write_text("")
     (pkg / "pretrained_saes.yaml").write_text(yaml.safe_dump(registry))
     monkeypatch.syspath_prepend(str(root))
+    monkeypatch.delitem(sys.modules, "sae_lens", raising=False)  # a real one imported by another test
     importlib.invalidate_caches()
-    sae_load._registry.cache_clear()
-    monkeypatch.setattr(sae_load, "_registry", sae_load._registry.__wrapped__)
+    sae_load._registry_text.cache_clear()
+    monkeypatch.setattr(sae_load, "_registry_text", sae_load._registry_text.__wrapped__)
 
 
 @needs_fixtures
@@ -288,3 +290,24 @@ def test_real_saelens_agrees(arch):
     ours = load_sae(FIX / "saelens" / arch)
     with torch.no_grad():
         torch.testing.assert_close(ours(e["x"]), theirs(e["x"]), atol=1e-6, rtol=1e-6)
+
+
+@needs_fixtures
+def test_other_release_formats_go_through_saelens_converters(monkeypatch):
+    """A release with a conversion_func is loaded by SAELens itself, then copied into innards' SAE."""
+    sae_lens = pytest.importorskip("sae_lens")
+    from innards.sae import load as sae_load
+
+    calls = []
+
+    def from_pretrained(release, sae_id, device="cpu"):
+        calls.append((release, sae_id))
+        return sae_lens.SAE.load_from_disk(str(FIX / "saelens" / "jumprelu"))
+
+    monkeypatch.setattr(sae_lens.SAE, "from_pretrained", staticmethod(from_pretrained))
+    monkeypatch.setattr(sae_load, "_registry_text", lambda: yaml.safe_dump(
+        {"scope-like": {"repo_id": "x/y", "conversion_func": "gemma_2", "saes": [{"id": "layer_1", "path": "l1"}]}}))
+    e = load_file(str(FIX / "saelens" / "jumprelu" / "expected.safetensors"))
+    sae = load_sae("scope-like/layer_1")
+    assert calls == [("scope-like", "layer_1")] and sae.architecture == "jumprelu"
+    torch.testing.assert_close(sae(e["x"]), e["forward"], atol=1e-6, rtol=1e-6)

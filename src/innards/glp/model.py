@@ -232,9 +232,8 @@ class GLP(nn.Module):
     def conditioning(self, t: torch.Tensor | float, site: Any = None, device: torch.device | None = None) -> torch.Tensor:
         """Per-block gate multipliers c (rows, n_blocks * d_mlp) from the time (and site) embedding."""
         device = device or self.in_proj.weight.device
-        tt = torch.as_tensor(t, device=device)
-        tt = tt.reshape(-1) if tt.is_floating_point() else tt.reshape(-1).float()
-        e = self.time_embed(sinusoid(_scaled(tt, self.config.time_scale), self.config.d_model))
+        tt = t if isinstance(t, torch.Tensor) else torch.tensor(float(t), dtype=torch.float64)
+        e = self.time_embed(sinusoid(_scaled(tt.reshape(-1), self.config.time_scale).to(device), self.config.d_model))
         if self.site_embed is not None and site is not NO_SITE:
             i = torch.as_tensor(self.site_index(site), device=device).reshape(-1)
             e = e + self.site_embed(sinusoid(_scaled(i, self.config.site_scale), self.config.d_model))

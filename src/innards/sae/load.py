@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -181,16 +182,26 @@ def saelens_installed() -> bool:
 
 
 @cache
-def _registry() -> dict[str, Any]:
-    """SAELens's pretrained_saes.yaml, read from the installed package without importing it ({} when absent)."""
+def _registry_text() -> str:
+    """SAELens's pretrained_saes.yaml from the installed package, without importing sae-lens ("" when absent)."""
     spec = importlib.util.find_spec("sae_lens")
     if spec is None or not spec.submodule_search_locations:
-        return {}
+        return ""
     path = Path(list(spec.submodule_search_locations)[0]) / "pretrained_saes.yaml"
-    if not path.is_file():
-        return {}
-    data = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    return data if isinstance(data, dict) else {}
+    return path.read_text() if path.is_file() else ""
+
+
+def _release(name: str) -> dict[str, Any] | None:
+    """One release of the registry; only its block is parsed (the whole 1.5 MB file takes seconds)."""
+    text = _registry_text()
+    m = re.search(rf"^{re.escape(name)}:[ \t]*$", text, re.M)
+    if m is None:
+        return None
+    nxt = re.search(r"^\S", text[m.end():], re.M)
+    block = text[m.start():m.end() + nxt.start()] if nxt else text[m.start():]
+    data = yaml.load(block, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    entry = data.get(name) if isinstance(data, dict) else None
+    return entry if isinstance(entry, dict) else None
 
 
 def registry_entry(spec: str, sae_id: str | None = None) -> tuple[str, str, dict[str, Any], dict[str, Any]] | None:
@@ -198,10 +209,9 @@ def registry_entry(spec: str, sae_id: str | None = None) -> tuple[str, str, dict
     release, _, rest = spec.partition("/")
     if sae_id is not None:
         release, rest = spec, sae_id
-    reg = _registry()
-    if release not in reg:
+    entry = _release(release) if release else None
+    if entry is None:
         return None
-    entry = reg[release] or {}
     saes = {str(e.get("id")): e for e in entry.get("saes") or [] if isinstance(e, dict)}
     if rest not in saes:
         ids = list(saes)
