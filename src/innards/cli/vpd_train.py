@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="run folder")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--global-draws", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     def go() -> int:
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.no_progress:
             over.append("progress=false")
         cfg = load_config(name, over)
-        out = train(cfg, stop_at=ns.stop_at)
+        out = train(cfg, stop_at=ns.stop_at, global_draws=ns.global_draws)
         print(f"run folder: {out}")
         return 0
 

@@ -7,17 +7,67 @@ from typing import Any
 import torch
 
 from innards.vpd.components import Decomposition
-from innards.vpd.config import AdversaryConfig
+from innards.vpd.config import AdversaryConfig, FreshPGDTermConfig
 from innards.vpd.losses import divergence
-from innards.vpd.masks import source_masks
+from innards.vpd.masks import Draws, rand, source_masks, uniform_k_routing
 
 
 def adv_loss(decomp: Decomposition, x: torch.Tensor, clean: torch.Tensor, g: dict[str, torch.Tensor],
              sources: dict[str, torch.Tensor], kind: str, use_delta: bool = True,
-             route: dict[str, torch.Tensor] | None = None, **kw: Any) -> torch.Tensor:
+             route: dict[str, torch.Tensor] | None = None, pre: dict[str, torch.Tensor] | None = None,
+             **kw: Any) -> torch.Tensor:
     """Divergence from the target under masks g + (1 − g)·r with the adversary's sources r."""
-    out = decomp.masked(x, source_masks(g, sources, use_delta, route), **kw)
+    out = decomp.masked(x, source_masks(g, sources, use_delta, route), pre=pre, **kw)
     return divergence(clean, out, kind)
+
+
+def _all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        import torch.distributed as td
+
+        td.all_reduce(t)
+        t /= world
+    return t
+
+
+def fresh_pgd_term(decomp: Decomposition, x: torch.Tensor, clean: torch.Tensor, g: dict[str, torch.Tensor], kind: str,
+                   cfg: FreshPGDTermConfig, use_delta: bool, draws: Draws, world: int = 1,
+                   pre: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Training-time fresh PGD: new U(0, 1) sources, ``n_steps`` sign ascents, then the loss in the main graph.
+
+    Sources are (1, …, C+1) shared across the batch (initial values from rank 0, gradients averaged across
+    ranks) or one per datapoint; routing is drawn once and kept for the ascents and the final loss.
+    """
+    first = next(iter(g.values()))
+    lead, dev = tuple(first.shape[:-1]), first.device
+    src = {}
+    for n, v in g.items():
+        width = v.shape[-1] + (1 if use_delta else 0)
+        if cfg.scope == "shared":
+            s = rand((1,) * len(lead) + (width,), draws.generator if hasattr(draws, "generator") else draws, dev)
+            if world > 1:
+                import torch.distributed as td
+
+                td.broadcast(s, 0)
+        else:
+            s = rand(lead + (width,), draws, dev)
+        src[n] = s if use_delta else torch.cat([s, torch.zeros_like(s[..., :1])], -1)
+    route = None
+    if cfg.routing == "uniform_k":
+        r = uniform_k_routing(lead, len(g), draws, dev)
+        route = {n: r[..., i] for i, n in enumerate(g)}
+    gd = {n: v.detach() for n, v in g.items()}
+    pre_d = None if pre is None else {n: v.detach() for n, v in pre.items()}
+    for _ in range(cfg.n_steps):
+        leaves = {n: s.clone().requires_grad_(True) for n, s in src.items()}
+        loss = adv_loss(decomp, x, clean, gd, leaves, kind, use_delta, route, pre=pre_d)
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        with torch.no_grad():
+            for (n, s), gr in zip(src.items(), grads):
+                if cfg.scope == "shared":
+                    gr = _all_reduce_mean(gr.contiguous(), world)
+                s.add_(cfg.step_size * gr.sign()).clamp_(0.0, 1.0)
+    return adv_loss(decomp, x, clean, g, src, kind, use_delta, route, pre=pre)
 
 
 class PersistentPGD:

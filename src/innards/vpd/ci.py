@@ -64,12 +64,14 @@ class PerComponentMLP(nn.Module):
             self.w2.append(nn.Parameter(torch.randn(c.C, d_gate, generator=generator) / math.sqrt(d_gate)))
             self.b2.append(nn.Parameter(torch.zeros(c.C)))
 
-    def forward(self, inputs: dict[str, torch.Tensor], decomp: Decomposition, detach: bool = False) -> dict[str, torch.Tensor]:
+    def forward(self, inputs: dict[str, torch.Tensor], decomp: Decomposition, detach: bool = False,
+                h: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        if h is None:
+            h = decomp.inner(inputs)
         out = {}
         for i, c in enumerate(decomp.components):
-            V = c.V.detach() if detach else c.V
-            h = inputs[c.name] @ V
-            out[c.name] = component_mlp(h, self.w1[i], self.b1[i], self.w2[i], self.b2[i])
+            hc = h[c.name].detach() if detach else h[c.name]
+            out[c.name] = component_mlp(hc, self.w1[i], self.b1[i], self.w2[i], self.b2[i])
         return out
 
 
@@ -99,7 +101,8 @@ class LayerwiseMLP(nn.Module):
         super().__init__()
         self.mlps = nn.ModuleList([_mlp(c.d_in, hidden, c.C, generator) for c in decomp.components])
 
-    def forward(self, inputs: dict[str, torch.Tensor], decomp: Decomposition, detach: bool = False) -> dict[str, torch.Tensor]:
+    def forward(self, inputs: dict[str, torch.Tensor], decomp: Decomposition, detach: bool = False,
+                h: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         return {c.name: mlp(inputs[c.name].float()) for c, mlp in zip(decomp.components, self.mlps)}
 
 
@@ -149,7 +152,8 @@ class SharedTransformer(nn.Module):
         self.blocks = nn.ModuleList([_Block(cfg.d_model, cfg.n_heads, cfg.d_ffn, cfg.rope_base) for _ in range(cfg.n_layers)])
         self.out = nn.Linear(cfg.d_model, sum(self.sizes))
 
-    def forward(self, inputs: dict[str, torch.Tensor], decomp: Decomposition, detach: bool = False) -> dict[str, torch.Tensor]:
+    def forward(self, inputs: dict[str, torch.Tensor], decomp: Decomposition, detach: bool = False,
+                h: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         names = [decomp.names[i] for i in self.order]
         x = torch.cat([rms_norm(inputs[n].float()) for n in names], -1)
         squeeze = x.dim() == 2

@@ -47,7 +47,11 @@ def frozen_weight(module: nn.Module) -> torch.Tensor:
 
 
 class Component(nn.Module):
-    """V (d_in, C) and U (C, d_out) for one matrix; the frozen module is referenced, not owned."""
+    """V (d_in, C) and U (C, d_out) for one matrix; the frozen module is referenced, not owned.
+
+    Every use of V and U in training goes through ``forward`` (``op`` names the computation), so that under
+    FSDP2 the module call all-gathers them first.
+    """
 
     def __init__(self, name: str, module: nn.Module, C: int, generator: torch.Generator | None = None):
         super().__init__()
@@ -70,9 +74,10 @@ class Component(nn.Module):
         b = getattr(self.module, "bias", None)
         return None if b is None else b.detach()
 
-    def delta(self) -> torch.Tensor:
+    def delta(self, W: torch.Tensor | None = None) -> torch.Tensor:
         """Δ = W − (V U)ᵀ, live (differentiable in U and V)."""
-        return self.W().to(self.V.dtype) - (self.V @ self.U).t()
+        W = self.W() if W is None else W.detach()
+        return W.to(self.V.dtype) - (self.V @ self.U).t()
 
     def weights(self) -> torch.Tensor:
         """Per-subcomponent rank-one matrices (C, d_out, d_in)."""
@@ -81,6 +86,38 @@ class Component(nn.Module):
     def norms(self) -> torch.Tensor:
         """Frobenius norm of each rank-one subcomponent, ‖U_c‖·‖V_c‖."""
         return self.U.norm(dim=1) * self.V.norm(dim=0)
+
+    def forward(self, op: str, x: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                h: torch.Tensor | None = None, spec: "Mask | None" = None, W: torch.Tensor | None = None,
+                explicit_delta: bool = False) -> torch.Tensor:
+        """``inner``: x V; ``delta_sq``: ‖W − (V U)ᵀ‖²; ``masked``: the masked layer output from h = x V."""
+        if op == "inner":
+            return x @ self.V
+        if op == "delta_sq":
+            return (self.delta(W) ** 2).sum()
+        return self._masked(x, out, h, spec, W, explicit_delta)
+
+    def _masked(self, x: torch.Tensor, out: torch.Tensor, h: torch.Tensor, spec: "Mask", W: torch.Tensor | None,
+                explicit_delta: bool) -> torch.Tensor:
+        b = self.bias()
+        if explicit_delta:
+            y = (h * spec.m) @ self.U
+            if spec.delta is not None:
+                y = y + spec.delta.unsqueeze(-1) * (x @ self.delta(W).detach().t())
+            if b is not None:
+                y = y + b
+        elif spec.delta is None:
+            y = (h * spec.m) @ self.U
+            if b is not None:
+                y = y + b
+        else:
+            # x Δᵀ = x Wᵀ − (x V) U with the frozen module's own output x Wᵀ + b
+            md = spec.delta.unsqueeze(-1)
+            xw = out - b if b is not None else out
+            y = out + (h * (spec.m - md)) @ self.U - (1 - md) * xw
+        if spec.route is not None:
+            y = torch.where(spec.route.unsqueeze(-1), y, out)
+        return y
 
 
 @dataclass
@@ -94,12 +131,15 @@ class Mask:
 
 @dataclass
 class _State:
-    mode: str  # "cache" or "mask"
+    mode: str  # "cache", "mask" or "delta"
     masks: dict[str, Mask] = field(default_factory=dict)
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     acts: dict[str, torch.Tensor] | None = None  # inner acts x V, recorded when asked
     act_fn: Any = None  # optional fn(name, h) -> h applied to inner acts (attribution graphs)
     explicit_delta: bool = False  # y = (h ⊙ m) U + m_Δ·x Δᵀ + b with a detached Δ, so y depends on h even at m = m_Δ = 1
+    pre: dict[str, torch.Tensor] | None = None  # x V on the clean inputs, reused while no earlier matrix was masked
+    perturbed: bool = False  # some matrix's output has been replaced in this forward
+    delta_sq: list[torch.Tensor] | None = None  # collects ‖Δ‖² per matrix during a forward (sharded training)
 
 
 class Decomposition(nn.Module):
@@ -144,35 +184,26 @@ class Decomposition(nn.Module):
             if st is None:
                 return None
             x = args[0]
+            if st.delta_sq is not None:
+                # inside the module's own call its weight is complete even when the target is sharded
+                st.delta_sq.append(comp("delta_sq", W=frozen_weight(module)))
             if st.mode == "cache":
                 st.inputs[comp.name] = x
                 return None
             spec = st.masks.get(comp.name)
             if spec is None:
                 return None  # frozen path: the original W on this matrix's actual input
-            h = x @ comp.V
+            # no matrix before this one was masked, so its input is the clean input and x V is already known
+            h = st.pre.get(comp.name) if st.pre is not None and not st.perturbed else None
+            if h is None:
+                h = comp("inner", x)
             if st.act_fn is not None:
                 h = st.act_fn(comp.name, h)
             if st.acts is not None:
                 st.acts[comp.name] = h
-            b = comp.bias()
-            if st.explicit_delta:
-                y = (h * spec.m) @ comp.U
-                if spec.delta is not None:
-                    y = y + spec.delta.unsqueeze(-1) * (x @ comp.delta().detach().t())
-                if b is not None:
-                    y = y + b
-            elif spec.delta is None:
-                y = (h * spec.m) @ comp.U
-                if b is not None:
-                    y = y + b
-            else:
-                md = spec.delta.unsqueeze(-1)
-                xw = out - b if b is not None else out
-                y = out + (h * (spec.m - md)) @ comp.U - (1 - md) * xw
-            if spec.route is not None:
-                y = torch.where(spec.route.unsqueeze(-1), y, out)
-            return y
+            st.perturbed = True
+            W = frozen_weight(module) if st.explicit_delta else None
+            return comp("masked", x, out, h, spec, W, st.explicit_delta)
 
         return hook
 
@@ -193,21 +224,66 @@ class Decomposition(nn.Module):
             self._state = None
 
     def masked(self, x: torch.Tensor, masks: dict[str, Mask], record: bool = False, act_fn: Any = None,
-               explicit_delta: bool = False, **kw: Any) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Output with the given masks; matrices absent from ``masks`` use the frozen weight."""
+               explicit_delta: bool = False, pre: dict[str, torch.Tensor] | None = None,
+               **kw: Any) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Output with the given masks; matrices absent from ``masks`` use the frozen weight.
+
+        ``pre``: x V of each matrix on the clean inputs (from :meth:`inner`); used for the matrices reached
+        before any masked one, whose inputs are then the clean ones.
+        """
         self._state = _State("mask", masks=masks, acts={} if record else None, act_fn=act_fn,
-                             explicit_delta=explicit_delta)
+                             explicit_delta=explicit_delta, pre=pre)
         try:
             out = self.run_target(x, **kw)
             return (out, self._state.acts) if record else out
         finally:
             self._state = None
 
-    def delta_l2(self) -> torch.Tensor:
-        """Mean squared entry of Δ over all decomposed matrices."""
-        tot = sum((c.delta() ** 2).sum() for c in self.components)
+    def inner(self, inputs: dict[str, torch.Tensor], detach: bool = False) -> dict[str, torch.Tensor]:
+        """x V for every matrix's (clean) input; with ``detach`` V gets no gradient from it."""
+        out = {}
+        for c in self.components:
+            if c.name not in inputs:
+                continue
+            h = c("inner", inputs[c.name])
+            out[c.name] = h.detach() if detach else h
+        return out
+
+    def delta_l2(self, probe: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+        """Mean squared entry of Δ over all decomposed matrices.
+
+        With ``probe`` (a small input batch) Δ is formed inside each matrix's own forward call, where a
+        sharded target holds its weight in full.
+        """
+        if probe is None:
+            tot = sum(c("delta_sq", W=c.W()) for c in self.components)
+        else:
+            self._state = _State("delta", delta_sq=[])
+            try:
+                with torch.enable_grad():
+                    self.run_target(probe, **kw)
+                tot = sum(self._state.delta_sq)
+            finally:
+                self._state = None
         n = sum(c.d_in * c.d_out for c in self.components)
         return tot / n
+
+    def tie(self, pairs: list[list[str]]) -> None:
+        """For each [a, b] with W_b = W_aᵀ: b's U and V become views of a's Vᵀ and Uᵀ (shared storage).
+
+        Both stay separate parameters, so the optimiser keeps one state for each and both updates land on the
+        shared storage, as the reference's tied TMS decompositions do.
+        """
+        for pair in pairs:
+            if len(pair) != 2 or pair[0] not in self.names or pair[1] not in self.names:
+                raise InnardsError(f"tie needs pairs of decomposed matrices, got {pair} (matrices: {', '.join(self.names)})")
+            a, b = self.comp(pair[0]), self.comp(pair[1])
+            if (a.d_in, a.d_out, a.C) != (b.d_out, b.d_in, b.C):
+                raise InnardsError(f"cannot tie {a.name} and {b.name}: shapes or C differ")
+            if not torch.allclose(a.W(), b.W().t()):
+                raise InnardsError(f"cannot tie {a.name} and {b.name}: the target weights are not transposes")
+            b.U = nn.Parameter(a.V.data.t())
+            b.V = nn.Parameter(a.U.data.t())
 
     def component_state(self) -> dict[str, torch.Tensor]:
         out = {}

@@ -12,15 +12,47 @@ def interpolate(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return g + (1 - g) * r
 
 
-def uniform_k_routing(prefix: tuple[int, ...], L: int, generator: torch.Generator | None = None,
+class SlicedDraws:
+    """Random draws for one process's rows of the global batch: every process draws for the whole batch (same
+    generator state everywhere) and keeps rows [rank·n, (rank+1)·n), so results do not depend on the world size."""
+
+    def __init__(self, generator: torch.Generator, rank: int, world: int):
+        self.generator, self.rank, self.world = generator, rank, world
+
+    def _rows(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        return t[self.rank * n:(self.rank + 1) * n]
+
+    def rand(self, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+        full = torch.rand((shape[0] * self.world, *shape[1:]), generator=self.generator).to(device)
+        return self._rows(full, shape[0])
+
+    def randint(self, low: int, high: int, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+        full = torch.randint(low, high, (shape[0] * self.world, *shape[1:]), generator=self.generator).to(device)
+        return self._rows(full, shape[0])
+
+
+Draws = torch.Generator | SlicedDraws | None
+
+
+def rand(shape: tuple[int, ...], generator: Draws = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """U(0, 1) of ``shape`` from a generator or from this process's rows of a global draw."""
+    if isinstance(generator, SlicedDraws):
+        return generator.rand(tuple(shape), device)
+    return torch.rand(tuple(shape), generator=generator, device=device)
+
+
+def uniform_k_routing(prefix: tuple[int, ...], L: int, generator: Draws = None,
                       device: torch.device | str = "cpu") -> torch.Tensor:
     """Bool (*prefix, L): per position k ~ U{1..L}, then a uniformly random k-subset of the L matrices."""
-    k = torch.randint(1, L + 1, prefix, generator=generator, device=device)
-    ranks = torch.rand(*prefix, L, generator=generator, device=device).argsort(-1).argsort(-1)
+    if isinstance(generator, SlicedDraws):
+        k = generator.randint(1, L + 1, tuple(prefix), device)
+    else:
+        k = torch.randint(1, L + 1, prefix, generator=generator, device=device)
+    ranks = rand((*prefix, L), generator, device).argsort(-1).argsort(-1)
     return ranks < k.unsqueeze(-1)
 
 
-def stochastic_masks(g: dict[str, torch.Tensor], generator: torch.Generator | None = None, use_delta: bool = True,
+def stochastic_masks(g: dict[str, torch.Tensor], generator: Draws = None, use_delta: bool = True,
                      routing: str = "all", only: str | None = None) -> dict[str, Mask]:
     """Uniform sources per (position, component) and per position for Δ; optional routing.
 
@@ -35,8 +67,8 @@ def stochastic_masks(g: dict[str, torch.Tensor], generator: torch.Generator | No
     for i, n in enumerate(names):
         if only is not None and n != only:
             continue
-        r = torch.rand(g[n].shape, generator=generator, device=dev)
-        d = torch.rand(prefix, generator=generator, device=dev) if use_delta else None
+        r = rand(g[n].shape, generator, dev)
+        d = rand(prefix, generator, dev) if use_delta else None
         out[n] = Mask(interpolate(g[n], r), d, None if route is None else route[..., i])
     return out
 

@@ -84,6 +84,8 @@ def build(cfg: VPDConfig, target: nn.Module, target_info: dict[str, Any]) -> Bui
     """Components and CI function for a target (deterministic in cfg.init_seed)."""
     target = target.to(cfg.device)
     decomp = Decomposition(target, list(cfg.modules), cfg.C, dict(cfg.C_per_module), seed=cfg.init_seed).to(cfg.device)
+    if cfg.tie:
+        decomp.tie([list(p) for p in cfg.tie])
     ci = build_ci(decomp, cfg.ci, seed=cfg.init_seed)
     return Built(cfg, target, decomp, ci, target_info)
 

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from innards.config import save_config, to_dict, load_yaml
+from innards.config import load_yaml, save_config, to_dict
 from innards.errors import InnardsError
 from innards.io import load_tensors, read_json, save_tensors, write_json
 from innards.runlog import MetricsLog
 from innards.runtime import Dist, init_dist, seed_everything
-from innards.vpd.adversary import PersistentPGD, adv_loss
+from innards.vpd.adversary import PersistentPGD, adv_loss, fresh_pgd_term
 from innards.vpd.config import VPDConfig, config_from_dict, result_settings
-from innards.vpd.data import ToyData, TokenPool
+from innards.vpd.data import TokenPool, ToyData
 from innards.vpd.losses import divergence, minimality, p_at
-from innards.vpd.masks import stochastic_masks, uniform_k_routing
+from innards.vpd.masks import SlicedDraws, stochastic_masks, uniform_k_routing
 from innards.vpd.run import Built, build, decomposition_tensors, load_decomposition_tensors, load_target, run_meta, \
     save_final, save_target, target_fingerprint
 from innards.vpd.sigmoids import lower_leaky, upper_leaky
@@ -37,36 +40,61 @@ def lr_at(cfg: VPDConfig, step: int) -> float:
     return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def ci_values(b: Built, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(g_lower, g_upper) from the CI function on the clean inputs."""
-    z = b.ci(inputs, b.decomp, detach=b.cfg.ci.detach_inputs)
+def ci_values(b: Built, inputs: dict[str, torch.Tensor], h: dict[str, torch.Tensor] | None = None
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(g_lower, g_upper) from the CI function on the clean inputs (``h``: their x V, when already known)."""
+    z = b.ci(inputs, b.decomp, detach=b.cfg.ci.detach_inputs, h=h)
     return {n: lower_leaky(v) for n, v in z.items()}, {n: upper_leaky(v) for n, v in z.items()}
 
 
-def faithfulness_warmup(b: Built, steps: int, lr: float, wd: float) -> float:
-    """AdamW on L_Δ over U and V only; the optimiser is discarded afterwards."""
+def faithfulness_warmup(b: Built, steps: int, lr: float, wd: float, probe: torch.Tensor | None = None) -> float:
+    """AdamW on L_Δ over U and V only; the optimiser is discarded afterwards (``probe``: sharded training)."""
     if steps <= 0:
-        return float(b.decomp.delta_l2().detach())
+        return float(b.decomp.delta_l2(probe).detach())
     params = b.decomp.uv_parameters()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     for _ in range(steps):
-        loss = b.decomp.delta_l2()
+        loss = b.decomp.delta_l2(probe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return float(b.decomp.delta_l2().detach())
+    return float(b.decomp.delta_l2(probe).detach())
+
+
+class PhaseTimer:
+    """Wall and CPU seconds spent in each named phase of the training steps (for ``innards bench vpd``)."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        w0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] += time.perf_counter() - w0
+            self.cpu[name] += time.process_time() - c0
+
+
+def _no_timer(name: str) -> contextlib.nullcontext:
+    return contextlib.nullcontext()
 
 
 class Trainer:
     """One decomposition run: state, one training step, checkpoints."""
 
-    def __init__(self, cfg: VPDConfig, out: Path, dist: Dist | None = None, progress: bool = True):
+    def __init__(self, cfg: VPDConfig, out: Path, dist: Dist | None = None, progress: bool = True,
+                 global_draws: bool = False):
         self.cfg, self.out, self.dist = cfg, out, dist or Dist()
         self.progress = progress and cfg.progress and self.dist.main
         world = self.dist.world
         if cfg.batch_size % world:
             raise InnardsError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
         self.local_batch = cfg.batch_size // world
+        # every process draws for the whole batch and keeps its rows: the result does not depend on the world size
+        self.global_draws = global_draws and world > 1
         seed_everything(cfg.init_seed)
         target, info = self._target()
         self.b = build(cfg, target, info)
@@ -76,18 +104,36 @@ class Trainer:
             self.data: Any = TokenPool(cfg, target.tokenizer, model=target, device=dev)
         else:
             self.data = ToyData(cfg, dev)
+        self.sharded = bool(cfg.fsdp and world > 1)
+        if cfg.fsdp and cfg.tie:
+            raise InnardsError("fsdp does not support tied matrices (tie); use one process or drop tie")
+        if self.sharded or cfg.activation_checkpointing:
+            from innards.vpd.shard import shard
+
+            shard(self.b, fsdp=self.sharded, checkpoint=cfg.activation_checkpointing)
         self.uv = self.b.decomp.uv_parameters()
         self.ci_params = [p for p in self.b.ci.parameters()]
         self.opt = torch.optim.AdamW([{"params": self.uv}, {"params": self.ci_params}], lr=cfg.lr,
                                      weight_decay=cfg.weight_decay)
-        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.dist.rank)
+        seed = cfg.seed * 1000 + (0 if self.global_draws else self.dist.rank)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.draws: Any = SlicedDraws(self.gen, self.dist.rank, world) if self.global_draws else self.gen
+        # a fixed small input on which a sharded target forms Δ inside its own forward calls
+        self.probe = self.data.batch(1, torch.Generator().manual_seed(12345)) if self.sharded else None
         self.adv = None
         if cfg.objective == "vpd" and cfg.adv_coeff > 0:
             shapes = {}
+            rows = cfg.batch_size if self.global_draws else self.local_batch
             for c in self.b.decomp.components:
-                lead = (self.local_batch,) if cfg.target.kind != "lm" else (self.local_batch, cfg.seq_len)
+                lead = (rows,) if cfg.target.kind != "lm" else (rows, cfg.seq_len)
                 shapes[c.name] = (*lead, c.C + 1)
             self.adv = PersistentPGD(shapes, cfg.adversary, self.gen, dev)
+            if self.global_draws:
+                lo = self.dist.rank * self.local_batch
+                self.adv.sources = {n: s[lo:lo + self.local_batch].clone() for n, s in self.adv.sources.items()}
+                self.adv.m = {n: torch.zeros_like(s) for n, s in self.adv.sources.items()}
+                self.adv.v = {n: torch.zeros_like(s) for n, s in self.adv.sources.items()}
+        self.timer: Any = _no_timer
         self.step = 0
         self.last: dict[str, float] = {}
 
@@ -111,72 +157,128 @@ class Trainer:
                            f"using seed {report['seed']} ({report['learned_features']}/{report['n_features']})")
         return model, info
 
+    def warmup(self) -> float:
+        """The faithfulness warm-up of this run."""
+        cfg = self.cfg
+        return faithfulness_warmup(self.b, cfg.warmup_steps, cfg.warmup_lr, cfg.warmup_wd, self.probe)
+
+    def _batch(self) -> torch.Tensor:
+        if self.global_draws:
+            x = self.data.batch(self.cfg.batch_size, self.gen)
+            lo = self.dist.rank * self.local_batch
+            return x[lo:lo + self.local_batch]
+        return self.data.batch(self.local_batch, self.gen)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.cfg.autocast_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.cfg.device).type, dtype=torch.bfloat16)
+
+    def _reused(self, inputs: dict[str, torch.Tensor]) -> list[str]:
+        """Matrices whose x V is computed once per step and reused by every forward reaching them unmasked.
+
+        The per-subcomponent CI needs x V of every matrix anyway. Otherwise only matrices reached before any
+        masked one gain: the first one executed, and under the SPD layerwise term each matrix in its own forward.
+        """
+        if self.cfg.ci.kind == "mlp" or (self.cfg.objective == "spd" and self.cfg.layerwise_coeff):
+            return list(inputs)
+        return list(inputs)[:1]
+
     # ----- one step -----
     def train_step(self) -> dict[str, torch.Tensor]:
-        cfg, b, step = self.cfg, self.b, self.step
+        cfg, b, step, T = self.cfg, self.b, self.step, self.timer
         lr = lr_at(cfg, step)
         for grp in self.opt.param_groups:
             grp["lr"] = lr
         p = p_at(step, cfg.steps, cfg.p_start, cfg.p_end)
-        x = self.data.batch(self.local_batch, self.gen)
-        clean, inputs = b.decomp.clean(x)
-        g, gu = ci_values(b, inputs)
         vpd = cfg.objective == "vpd"
         use_delta = cfg.use_delta
+        kind, draws, world = self.kind, self.draws, self.dist.world
         logs: dict[str, torch.Tensor] = {}
+        with T("data"):
+            x = self._batch()
+        with self._autocast():
+            with T("target"):
+                clean, inputs = b.decomp.clean(x)
+            with T("ci"):
+                reuse = self._reused(inputs)
+                h = b.decomp.inner({n: inputs[n] for n in reuse})
+                g, gu = ci_values(b, inputs, h if cfg.ci.kind == "mlp" else None)
+            h_d = {n: v.detach() for n, v in h.items()}
 
-        adv_lr = 0.0
-        adv_route = None
-        adv_start = int(cfg.adv_start_frac * cfg.steps)
-        adv_on = vpd and self.adv is not None and step >= adv_start
-        if adv_on:
-            adv_lr = self.adv.lr_at(step - adv_start, cfg.steps)
-            if cfg.adversary.routing == "uniform_k":
-                prefix = next(iter(g.values())).shape[:-1]
-                r = uniform_k_routing(tuple(prefix), len(g), self.gen)
-                adv_route = {n: r[..., i] for i, n in enumerate(g)}
-            gd = {n: v.detach() for n, v in g.items()}
-            for _ in range(max(cfg.adversary.n_steps - 1, 0)):
-                leaves = self.adv.leaves()
-                la = adv_loss(b.decomp, x, clean, gd, leaves, self.kind, use_delta, adv_route)
-                grads = torch.autograd.grad(la, list(leaves.values()))
-                self.adv.ascend(dict(zip(leaves, grads)), adv_lr)
+            adv_lr = 0.0
+            adv_route = None
+            adv_start = int(cfg.adv_start_frac * cfg.steps)
+            adv_on = vpd and self.adv is not None and step >= adv_start
+            if adv_on:
+                with T("adversary"):
+                    adv_lr = self.adv.lr_at(step - adv_start, cfg.steps)
+                    if cfg.adversary.routing == "uniform_k":
+                        prefix = next(iter(g.values())).shape[:-1]
+                        r = uniform_k_routing(tuple(prefix), len(g), draws, x.device)
+                        adv_route = {n: r[..., i] for i, n in enumerate(g)}
+                    gd = {n: v.detach() for n, v in g.items()}
+                    for _ in range(max(cfg.adversary.n_steps - 1, 0)):
+                        leaves = self.adv.leaves()
+                        la = adv_loss(b.decomp, x, clean, gd, leaves, kind, use_delta, adv_route, pre=h_d)
+                        grads = torch.autograd.grad(la, list(leaves.values()))
+                        self.adv.ascend(dict(zip(leaves, grads)), adv_lr)
 
-        dl2 = b.decomp.delta_l2()
-        total = cfg.delta_coeff * dl2
-        imp, freq = minimality(gu, p, cfg.eps, self.dist.world)
-        total = total + cfg.imp_coeff * imp
-        if vpd and cfg.freq_coeff:
-            total = total + cfg.freq_coeff * freq
-        logs.update(delta_l2=dl2.detach(), importance=imp.detach(), frequency=freq.detach())
+            total = torch.zeros((), device=x.device)
+            with T("delta_l2"):
+                if cfg.delta_coeff:
+                    dl2 = b.decomp.delta_l2(self.probe)
+                    total = total + cfg.delta_coeff * dl2
+                else:
+                    with torch.no_grad():
+                        dl2 = b.decomp.delta_l2(self.probe)
+            with T("minimality"):
+                imp, freq = minimality(gu, p, cfg.eps, world)
+                total = total + cfg.imp_coeff * imp
+                if vpd and cfg.freq_coeff:
+                    total = total + cfg.freq_coeff * freq
+            logs.update(delta_l2=dl2.detach(), importance=imp.detach(), frequency=freq.detach())
 
-        routing = cfg.routing if vpd else "all"
-        out = b.decomp.masked(x, stochastic_masks(g, self.gen, use_delta, routing))
-        ls = divergence(clean, out, self.kind)
-        total = total + cfg.stoch_coeff * ls
-        logs["stochastic"] = ls.detach()
-        if not vpd and cfg.layerwise_coeff:
-            lw = sum(divergence(clean, b.decomp.masked(x, stochastic_masks(g, self.gen, use_delta, "all", only=n)), self.kind)
-                     for n in b.decomp.names) / len(b.decomp.names)
-            total = total + cfg.layerwise_coeff * lw
-            logs["layerwise"] = lw.detach()
-        leaves = None
-        if adv_on:
-            leaves = self.adv.leaves()
-            la = adv_loss(b.decomp, x, clean, g, leaves, self.kind, use_delta, adv_route)
-            total = total + cfg.adv_coeff * la
-            logs["adversarial"] = la.detach()
+            with T("stochastic"):
+                routing = cfg.routing if vpd else cfg.spd_routing
+                out = b.decomp.masked(x, stochastic_masks(g, draws, use_delta, routing), pre=h)
+                ls = divergence(clean, out, kind)
+                total = total + cfg.stoch_coeff * ls
+                logs["stochastic"] = ls.detach()
+            if not vpd and cfg.layerwise_coeff:
+                with T("layerwise"):
+                    # one draw for all matrices, each masked alone in its own forward (as the reference)
+                    ms = stochastic_masks(g, draws, use_delta, "all")
+                    lw = sum(divergence(clean, b.decomp.masked(x, {n: ms[n]}, pre=h), kind) for n in b.decomp.names)
+                    lw = lw / len(b.decomp.names)
+                    total = total + cfg.layerwise_coeff * lw
+                    logs["layerwise"] = lw.detach()
+            if not vpd and cfg.train_pgd.coeff:
+                with T("pgd"):
+                    lp = fresh_pgd_term(b.decomp, x, clean, g, kind, cfg.train_pgd, use_delta, draws, world, pre=h)
+                    total = total + cfg.train_pgd.coeff * lp
+                    logs["pgd"] = lp.detach()
+            leaves = None
+            if adv_on:
+                with T("adversarial"):
+                    leaves = self.adv.leaves()
+                    la = adv_loss(b.decomp, x, clean, g, leaves, kind, use_delta, adv_route, pre=h)
+                    total = total + cfg.adv_coeff * la
+                    logs["adversarial"] = la.detach()
 
-        self.opt.zero_grad(set_to_none=True)
-        total.backward()
-        if self.dist.world > 1:
-            self._allreduce_grads()
-        if cfg.clip_uv > 0:
-            torch.nn.utils.clip_grad_norm_(self.uv, cfg.clip_uv)
-        self.opt.step()
+        with T("backward"):
+            self.opt.zero_grad(set_to_none=True)
+            total.backward()
+        with T("optimizer"):
+            if world > 1 and not self.sharded:
+                self._allreduce_grads()
+            if cfg.clip_uv > 0:
+                torch.nn.utils.clip_grad_norm_(self.uv, cfg.clip_uv)
+            self.opt.step()
         if leaves is not None and cfg.adversary.n_steps >= 1:
-            # third ascent: the source gradient of the main graph, without the loss coefficient
-            self.adv.ascend({n: t.grad / cfg.adv_coeff for n, t in leaves.items()}, adv_lr)
+            with T("adversary"):
+                # third ascent: the source gradient of the main graph, without the loss coefficient
+                self.adv.ascend({n: t.grad / cfg.adv_coeff for n, t in leaves.items()}, adv_lr)
         logs.update(total=total.detach(), lr=torch.tensor(lr), p=torch.tensor(p))
         for n, gn in g.items():
             logs[f"l0/{n}"] = (gn.detach() > cfg.ci_threshold).float().sum(-1).mean()
@@ -197,12 +299,21 @@ class Trainer:
             i += n
 
     # ----- checkpoints -----
-    def save_checkpoint(self) -> None:
-        d = self.out / CKPT
-        d.mkdir(parents=True, exist_ok=True)
+    def _rank_state(self) -> dict[str, torch.Tensor]:
         rank_state = {"gen": self.gen.get_state()}
         if self.adv is not None:
             rank_state.update(self.adv.state())
+        return rank_state
+
+    def save_checkpoint(self) -> None:
+        d = self.out / CKPT
+        d.mkdir(parents=True, exist_ok=True)
+        if self.sharded:
+            from innards.vpd.shard import save_shards
+
+            save_shards(self, d)
+            return
+        rank_state = self._rank_state()
         if self.dist.rank > 0:
             save_tensors(d / f"rank{self.dist.rank}.safetensors", rank_state)
             return
@@ -230,6 +341,15 @@ class Trainer:
             raise InnardsError(f"--resume with changed settings ({', '.join(changed[:5])}); use a new --out or the same settings")
         if meta.get("world", 1) != self.dist.world:
             raise InnardsError(f"checkpoint was written by {meta.get('world')} processes, resuming with {self.dist.world}")
+        if bool(meta.get("sharded")) != self.sharded:
+            raise InnardsError(f"checkpoint in {d} was written {'with' if meta.get('sharded') else 'without'} fsdp")
+        if self.sharded:
+            from innards.vpd.shard import load_shards
+
+            load_shards(self, d, meta)
+            self.step = int(meta["step"])
+            self.last = meta.get("last") or {}
+            return
         tensors = load_tensors(d / "state.safetensors", meta.get("sha256"), what="checkpoint")
         load_decomposition_tensors(self.b, tensors, str(d))
         try:
@@ -248,13 +368,16 @@ class Trainer:
                 rank_state = load_tensors(d / f"rank{self.dist.rank}.safetensors", what="checkpoint")
             else:
                 rank_state = {k[5:]: v for k, v in tensors.items() if k.startswith("rank.")}
-            self.gen.set_state(rank_state["gen"])
-            if self.adv is not None:
-                self.adv.load(rank_state)
+            self.load_rank_state(rank_state)
         except (KeyError, ValueError, RuntimeError) as e:
             raise InnardsError(f"checkpoint in {d} does not load ({type(e).__name__})") from None
         self.step = int(meta["step"])
         self.last = meta.get("last") or {}
+
+    def load_rank_state(self, rank_state: dict[str, torch.Tensor]) -> None:
+        self.gen.set_state(rank_state["gen"])
+        if self.adv is not None:
+            self.adv.load(rank_state)
 
 
 def extendable(cfg: VPDConfig) -> bool:
@@ -284,10 +407,12 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def train(cfg: VPDConfig, stop_at: int | None = None, progress: bool = True) -> Path:
+def train(cfg: VPDConfig, stop_at: int | None = None, progress: bool = True, global_draws: bool = False) -> Path:
     """Run (or resume) a decomposition into cfg.out; returns the run folder.
 
     ``stop_at`` ends the run early after writing a checkpoint at that step (used to test exact resume).
+    ``global_draws``: under torchrun every process draws data and masks for the whole batch and keeps its
+    rows, so that the result equals the single-process one (testing).
     """
     dist = init_dist()
     torch.set_flush_denormal(True)  # tiny CI gradients otherwise hit slow denormal arithmetic on CPU
@@ -307,11 +432,11 @@ def train(cfg: VPDConfig, stop_at: int | None = None, progress: bool = True) -> 
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)
     dist.barrier()
-    tr = Trainer(cfg, out, dist, progress)
+    tr = Trainer(cfg, out, dist, progress, global_draws=global_draws)
     if cfg.resume and ckpt_exists:
         tr.load_checkpoint()
     else:
-        tr.last["warmup_delta_l2"] = faithfulness_warmup(tr.b, cfg.warmup_steps, cfg.warmup_lr, cfg.warmup_wd)
+        tr.last["warmup_delta_l2"] = tr.warmup()
     log = MetricsLog(out, cfg.wandb_project if dist.main else None, to_dict(cfg), resume_step=tr.step if cfg.resume else None,
                      enabled=dist.main)
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
@@ -327,7 +452,7 @@ def train(cfg: VPDConfig, stop_at: int | None = None, progress: bool = True) -> 
                 tr.last = {k: v for k, v in vals.items() if not k.startswith("l0/")}
                 log.log(tr.step, **vals)
                 bar.set_postfix(loss=f"{vals['total']:.3g}", stoch=f"{vals['stochastic']:.3g}")
-            if cfg.eval_every and tr.step % cfg.eval_every == 0 and tr.step < cfg.steps and dist.main:
+            if cfg.eval_every and tr.step % cfg.eval_every == 0 and tr.step < cfg.steps and dist.main and not tr.sharded:
                 log.log(tr.step, **_quick_eval(tr))
             if cfg.checkpoint_every and tr.step % cfg.checkpoint_every == 0 and tr.step < end:
                 tr.save_checkpoint()
@@ -335,12 +460,20 @@ def train(cfg: VPDConfig, stop_at: int | None = None, progress: bool = True) -> 
         bar.close()
     tr.save_checkpoint()
     if tr.step >= cfg.steps:
-        if dist.world > 1:
+        if tr.sharded:
+            from innards.vpd.shard import gathered
+
+            full = gathered(tr)  # every rank takes part in the gather; rank 0 keeps an unsharded copy
+        elif dist.world > 1:
             _check_replicas(tr)
+            full = tr.b
+        else:
+            full = tr.b
         if dist.main:
-            ev = _quick_eval(tr)
+            ev = _quick_eval(tr, full)
             log.log(tr.step, **ev)
-            save_final(tr.b, out, tr.step, {"last": tr.last, "final_eval": ev, "world": dist.world})
+            save_final(full, out, tr.step, {"last": tr.last, "final_eval": ev, "world": dist.world,
+                                            "sharded": tr.sharded})
     log.close()
     dist.barrier()
     return out
@@ -357,7 +490,7 @@ def _check_replicas(tr: Trainer) -> None:
         raise RuntimeError(f"rank {tr.dist.rank} parameters diverged from rank 0")
 
 
-def _quick_eval(tr: Trainer) -> dict[str, Any]:
+def _quick_eval(tr: Trainer, b: Built | None = None) -> dict[str, Any]:
     from innards.vpd.evaluate import quick_metrics
 
-    return quick_metrics(tr.b, tr.data, n_batches=max(1, tr.cfg.eval_batches // 2))
+    return quick_metrics(b or tr.b, tr.data, n_batches=max(1, tr.cfg.eval_batches // 2))

@@ -1,0 +1,170 @@
+"""Sharded decomposition: FSDP2 (``fully_shard``) over the target's blocks, the components and the CI function,
+activation checkpointing of blocks, per-rank checkpoint shards, and the gather to one full copy at the end.
+
+Every use of U and V goes through a component's own module call and Δ is formed inside each target matrix's
+forward (:meth:`Decomposition.delta_l2` with a probe input), so FSDP2's hooks have all-gathered what is used.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+from innards.errors import InnardsError
+from innards.io import load_tensors, save_tensors, write_json
+from innards.vpd.components import Decomposition
+from innards.vpd.config import result_settings
+from innards.vpd.run import Built, build, load_decomposition_tensors, load_target, run_meta
+
+if TYPE_CHECKING:
+    from innards.vpd.train import Trainer
+
+# transformer blocks of HF models (model.layers.3, transformer.h.3, gpt_neox.layers.3) and of the toys
+BLOCK = re.compile(r"(^|\.)(layers|h|blocks)\.\d+$")
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a model that have their own forward (the units to shard and to recompute)."""
+    return [m for n, m in model.named_modules() if BLOCK.search(n) and type(m).forward is not nn.Module.forward]
+
+
+def _checkpointed(decomp: Decomposition | None, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` under non-reentrant activation checkpointing, recomputed with the decomposition state of its call."""
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        st = decomp._state if decomp is not None else None
+        # the Δ probe forward has no output that needs a gradient, so nothing would unshard a recomputation
+        if not torch.is_grad_enabled() or (st is not None and st.mode == "delta"):
+            return fn(*args, **kwargs)
+        perturbed = st.perturbed if st is not None else False
+
+        def run(*a: Any, **k: Any) -> Any:
+            if decomp is None:
+                return fn(*a, **k)
+            prev = decomp._state
+            decomp._state = st
+            if st is not None:
+                st.perturbed = perturbed  # the recomputation must take the same path as the first forward
+            try:
+                return fn(*a, **k)
+            finally:
+                decomp._state = prev
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    return wrapped
+
+
+def shard(b: Built, fsdp: bool = True, checkpoint: bool = False) -> None:
+    """Apply activation checkpointing and/or FSDP2 in place (needs an initialised process group for fsdp)."""
+    tblocks = blocks(b.target)
+    cblocks = list(getattr(b.ci, "blocks", []))
+    if checkpoint:
+        for m in tblocks:
+            m.forward = _checkpointed(b.decomp, m.forward)
+        for m in cblocks:
+            m.forward = _checkpointed(None, m.forward)
+    if not fsdp:
+        return
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    # the CI functions return dicts of reshaped outputs, never modified in place afterwards
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+    for m in tblocks:
+        fully_shard(m)
+    fully_shard(b.target)
+    for c in b.decomp.components:
+        fully_shard(c)
+    for m in cblocks:
+        fully_shard(m)
+    fully_shard(b.ci)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def save_shards(tr: Trainer, d: Path) -> None:
+    """Each rank writes its own shard of parameters, optimiser state and RNG/adversary state; rank 0 the metadata."""
+    import torch.distributed as td
+
+    params = tr.uv + tr.ci_params
+    tensors = {f"p.{i}": _local(p.detach()) for i, p in enumerate(params)}
+    opt_state = tr.opt.state_dict()
+    for i, st in opt_state["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{i}.{k}"] = _local(v) if torch.is_tensor(v) else torch.tensor(v)
+    tensors.update({f"rank.{k}": v for k, v in tr._rank_state().items()})
+    digest = save_tensors(d / f"shard{tr.dist.rank}.safetensors", tensors)
+    digests: list[Any] = [None] * tr.dist.world
+    td.all_gather_object(digests, digest)
+    if tr.dist.main:
+        groups = [{k: v for k, v in gr.items() if k != "params"} for gr in opt_state["param_groups"]]
+        meta = run_meta(tr.b, tr.step, {"settings": result_settings(tr.cfg), "param_groups": groups, "sharded": True,
+                                        "world": tr.dist.world, "last": tr.last, "shard_sha256": digests})
+        write_json(d / "state.json", meta)
+    td.barrier()
+
+
+def load_shards(tr: Trainer, d: Path, meta: dict[str, Any]) -> None:
+    """Inverse of :func:`save_shards` on the same number of processes."""
+    from torch.distributed.tensor import DTensor
+
+    rank = tr.dist.rank
+    tensors = load_tensors(d / f"shard{rank}.safetensors", (meta.get("shard_sha256") or [None] * (rank + 1))[rank],
+                           what="checkpoint shard")
+    params = tr.uv + tr.ci_params
+    try:
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                _local(p).copy_(tensors[f"p.{i}"])
+        state: dict[str, Any] = {"state": {}, "param_groups": []}
+        for i, p in enumerate(params):
+            st = {}
+            for k, v in tensors.items():
+                if k.startswith(f"opt.{i}."):
+                    name = k.split(".", 2)[2]
+                    st[name] = DTensor.from_local(v, p.device_mesh, p.placements) if isinstance(p, DTensor) and \
+                        v.shape == _local(p).shape else v
+            if st:
+                state["state"][i] = st
+        idx = 0
+        for gr, saved in zip(tr.opt.param_groups, meta["param_groups"]):
+            state["param_groups"].append({**saved, "params": list(range(idx, idx + len(gr["params"])))})
+            idx += len(gr["params"])
+        tr.opt.load_state_dict(state)
+        tr.load_rank_state({k[5:]: v for k, v in tensors.items() if k.startswith("rank.")})
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise InnardsError(f"checkpoint shard in {d} does not load ({type(e).__name__})") from None
+
+
+def gathered(tr: Trainer) -> Built | None:
+    """All ranks gather the full U, V and CI weights; rank 0 gets an unsharded decomposition built from them."""
+    b = tr.b
+    full = {}
+    for c in b.decomp.components:
+        full[f"V.{c.name}"] = _full(c.V.detach())
+        full[f"U.{c.name}"] = _full(c.U.detach())
+    for k, v in b.ci.state_dict().items():
+        full[f"ci.{k}"] = _full(v)
+    if not tr.dist.main:
+        return None
+    target, info = load_target(tr.cfg, tr.out)
+    nb = build(tr.cfg, target, info)
+    load_decomposition_tensors(nb, full, "the gathered shards")
+    return nb
