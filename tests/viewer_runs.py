@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -165,9 +166,69 @@ def build_runs(root: Path, log: bool = False) -> dict[str, Path]:
     return r
 
 
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def chromium_path() -> str | None:
+    """Debian's chromium (or $INNARDS_CHROMIUM); Playwright's own browser downloads are never used."""
+    for cand in (os.environ.get("INNARDS_CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium"):
+        if cand and Path(cand).is_file():
+            return cand
+    return None
+
+
+@pytest.fixture(scope="session")
+def browser(request):
+    """A headless Chromium driven by Playwright, shared by every viewer test; skips when none can be had."""
+    if "browser" in _CACHE:
+        return _CACHE["browser"]
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
+    exe = chromium_path()
+    if exe is None:
+        pytest.skip("no Chromium for the browser tests (apt-get install -y chromium chromium-driver)")
+    pw = sync_playwright().start()
+    try:
+        b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+    except Exception as e:  # any launch failure: the machine cannot run a browser
+        pw.stop()
+        pytest.skip(f"Chromium does not start: {str(e).strip().splitlines()[0][:200]}")
+
+    def close() -> None:
+        b.close()
+        pw.stop()
+
+    request.addfinalizer(close)
+    _CACHE["browser"] = b
+    return b
+
+
+class Tab:
+    """A browser page that records console errors and uncaught exceptions."""
+
+    def __init__(self, browser, width: int = 1280, height: int = 900):
+        self.context = browser.new_context(viewport={"width": width, "height": height})
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
+
+    def close(self) -> None:
+        self.context.close()
+
+
 @pytest.fixture(scope="session")
 def viewer_runs(tmp_path_factory) -> dict[str, Path]:
-    """The tiny runs (built once per process, even when several test modules ask for them)."""
+    """The tiny runs (built once per process, even when several test modules ask for them).
+
+    $INNARDS_VIEWER_RUNS=DIR reuses runs built by ``python tests/viewer_runs.py DIR`` (faster iteration).
+    """
+    prebuilt = os.environ.get("INNARDS_VIEWER_RUNS")
+    if "runs" not in _CACHE and prebuilt and (Path(prebuilt) / "runs.json").is_file():
+        _CACHE["runs"] = {k: Path(v) for k, v in json.loads((Path(prebuilt) / "runs.json").read_text()).items()}
     if "runs" not in _CACHE:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         _CACHE["runs"] = build_runs(tmp_path_factory.mktemp("viewer_runs"))

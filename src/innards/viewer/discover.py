@@ -354,7 +354,7 @@ def _is_json_with(p: Path, keys: tuple[str, ...]) -> bool:
 FOLDER_KINDS: list[tuple[str, Any, Any]] = [
     ("store", lambda d: (d / "harvest.json").is_file() or _is_store_manifest(d / "manifest.json"), _store),
     ("glp", lambda d: _is_json_with(d / "config.json", ("format",)) and _glp_format(d), _glp),
-    ("sae", lambda d: (d / "cfg.json").is_file() and (d / "sae_weights.safetensors").exists(), _sae),
+    ("sae", lambda d: _is_json_with(d / "cfg.json", ("d_sae",)), _sae),
     ("sweep", lambda d: (d / "results.json").is_file() and ((d / "pareto.png").exists() or (d / "generations.jsonl").exists()),
      _sweep),
     ("probe", lambda d: (d / "summary.json").is_file() and (d / "tasks").is_dir(), _probe),
