@@ -183,3 +183,44 @@ def test_capture_without_detach_keeps_the_graph(models):
         model(inputs_embeds=emb)
     c["blocks.1.resid_post"].sum().backward()
     assert emb.grad is not None and emb.grad.abs().sum() > 0
+
+
+def test_run_with_cache_takes_a_names_filter_like_transformerlens(models):
+    model = models("gpt2")
+    ids, _ = _ids(model, ["the fox"])
+    out = run_with_cache(model, ids, names_filter=lambda name: name.endswith("hook_resid_post"))
+    assert list(out) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    canon = run_with_cache(model, ids, lambda name: name.endswith(".resid_post"))  # canonical names work too
+    assert list(canon) == ["blocks.0.resid_post", "blocks.1.resid_post", "blocks.2.resid_post"]
+    assert all(torch.equal(out[f"blocks.{i}.hook_resid_post"], canon[f"blocks.{i}.resid_post"]) for i in range(3))
+    listed = run_with_cache(model, ids, names_filter=["blocks.0.attn.hook_q", "hook_embed"])
+    assert listed["blocks.0.attn.hook_q"].shape == (1, ids.shape[1], 4, 8) and "hook_embed" in listed
+    everything = run_with_cache(model, ids)
+    assert len(everything) == 2 + 14 * 3 + 1 and everything["blocks.2.pattern"].shape == (1, 4, ids.shape[1], ids.shape[1])
+    assert model.config._attn_implementation == "sdpa"  # the pattern ran attention eagerly only for that call
+    with pytest.raises(InnardsError, match="selects no site"):
+        run_with_cache(model, ids, names_filter=lambda name: False)
+    with pytest.raises(InnardsError, match="not both"):
+        run_with_cache(model, ids, "blocks.0.resid_post", names_filter=["blocks.0.resid_post"])
+
+
+def test_edit_functions_may_take_the_site_as_transformerlens_hooks_do(models):
+    model = models("llama")
+    ids, mask = _ids(model)
+    got = {}
+
+    def tl_style(act, hook):
+        got[hook.name] = hook
+        return act * 0 if hook.kind == "mlp_out" else None
+
+    def keyword(act, *, hook):
+        got["kw"] = hook
+        return None
+
+    ref = model(input_ids=ids, attention_mask=mask).logits
+    with edit(model, {"blocks.0.hook_mlp_out": tl_style, "blocks.1.resid_post": keyword, "blocks.2.resid_post": lambda a: None}):
+        with capture(model, ["blocks.0.mlp_out"]) as c:
+            out = model(input_ids=ids, attention_mask=mask).logits
+    assert got["blocks.0.mlp_out"].tl_name == "blocks.0.hook_mlp_out" and got["kw"].name == "blocks.1.resid_post"
+    assert torch.all(c["blocks.0.mlp_out"] == 0) and not torch.allclose(out, ref)
+    assert _hook_count(model) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ import torch
 from innards.errors import InnardsError
 from innards.models.hooks import capture
 from innards.models.load import load_model
-from innards.models.sites import (INDEX_CONVENTION, KINDS, expand_sites, list_sites, n_layers, resolve_site,
-                                  site_metadata)
+from innards.models.sites import (BLOCK_KINDS, INDEX_CONVENTION, KINDS, TL_NAMES, expand_sites, list_sites, n_layers,
+                                  resolve_site, site_metadata)
 
 VARIANTS = {
     "llama": ("llama", {}),
@@ -68,7 +69,7 @@ def test_index_convention_matches_hidden_states(models, variant):
 def test_widths_and_reconstruction(models, variant):
     model = models(variant)
     ids, mask = _ids(model)
-    sites = list_sites(model)
+    sites = [s for s in list_sites(model) if s.kind in KINDS]
     assert len(sites) == len(KINDS) * n_layers(model) == len(KINDS) * 3
     d = model.config.hidden_size
     for s in sites:
@@ -164,31 +165,71 @@ def test_sites_cli(tiny_model_dir, capsys):
     assert "blocks.0.hook_resid_pre" in out and "parallel" in out
     assert main([str(d), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["n_layers"] == 3 and len(info["sites"]) == 15
-    assert {s["width"] for s in info["sites"]} == {32, 64}
+    # parallel NeoX: no resid_mid; 13 block sites x 3 + embed + ln_final_out
+    assert info["n_layers"] == 3 and len(info["sites"]) == 13 * 3 + 2
+    assert {s["width"] for s in info["sites"] if s["heads"] == 0} == {32, 64}
+    assert {s["shape"] for s in info["sites"] if s["heads"]} == {"4x8", "4xTxT"}
     assert main(["--model", str(d / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("innards: error:") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("name,family", [("Qwen2", "llama"), ("Mistral", "llama"), ("Qwen3", "llama"),
-                                         ("Gemma2", "llama_sandwich"), ("Olmo2", "llama_sandwich")])
-def test_llama_family_relatives(name, family):
-    import transformers as T
+TL_PAIRS = {
+    "hook_embed": "embed", "ln_final.hook_normalized": "ln_final_out",
+    **{f"blocks.1.{tl}": f"blocks.1.{k}" for k, tl in TL_NAMES.items()},
+}
 
-    from innards.models.sites import layout
 
-    cfg = getattr(T, name + "Config")(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
-                                      bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = getattr(T, name + "ForCausalLM")(cfg).eval()
-    assert layout(model).family.name == family and layout(model).matched_by == "model_type"
-    ids = torch.randint(3, 64, (2, 7))
-    with capture(model, [s.name for s in list_sites(model)]) as c:
-        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
-    assert torch.equal(c["blocks.0.resid_post"], hs[1]) and torch.equal(c["blocks.1.resid_pre"], hs[1])
-    for layer in range(2):
-        total = c[f"blocks.{layer}.resid_pre"] + c[f"blocks.{layer}.attn_out"] + c[f"blocks.{layer}.mlp_out"]
-        torch.testing.assert_close(total, c[f"blocks.{layer}.resid_post"], atol=1e-5, rtol=1e-5)
-        assert c[f"blocks.{layer}.mlp_hidden"].shape[-1] == 48
+@pytest.mark.parametrize("variant", ["llama", "gpt2", "bert"])
+def test_transformerlens_names_are_the_canonical_sites(models, variant):
+    model = models(variant)
+    ids, mask = _ids(model)
+    pairs = dict(TL_PAIRS)
+    if variant == "gpt2":
+        pairs["hook_pos_embed"] = "pos_embed"
+    if variant == "bert":  # no final norm; post-LN, so its resid_mid is the attention LayerNorm's input
+        del pairs["ln_final.hook_normalized"]
+        pairs["hook_pos_embed"] = "pos_embed"
+    for tl, canon in pairs.items():
+        s = resolve_site(model, tl)
+        assert s == resolve_site(model, canon) and s.name == canon, tl
+        assert s.tl_name == tl
+    with capture(model, list(pairs)) as c:
+        model(input_ids=ids, attention_mask=mask)
+    with capture(model, list(pairs.values())) as ref:
+        model(input_ids=ids, attention_mask=mask)
+    for tl, canon in pairs.items():
+        assert torch.equal(c[tl], ref[canon]), tl
+    assert c["blocks.1.attn.hook_q"].shape == (2, ids.shape[1], 4, 8)
+    assert c["blocks.1.attn.hook_pattern"].shape == (2, 4, ids.shape[1], ids.shape[1])
+    if variant == "llama":  # known TransformerLens names the model has no tensor for are refused with the reason
+        with pytest.raises(InnardsError, match="hook_pos_embed' does not exist in this llama model: positions are rotary"):
+            resolve_site(model, "hook_pos_embed")
+
+
+def _accepted(message: str) -> list[str]:
+    """Every concrete name the unknown-site error lists (block names at layer 0)."""
+    body = message.split("accepted: ", 1)[1]
+    names = re.findall(r"\b(embed|pos_embed|ln_final_out|hook_embed|hook_pos_embed|ln_final\.hook_normalized)\b",
+                       body.split("blocks.{L}")[0] + body.split(";")[1].split("blocks.{L}")[0])
+    for group in re.findall(r"blocks\.\{L\}\.\{([^}]*)\}", body):
+        names += [f"blocks.0.{k}" for k in group.split("|")]
+    return names
+
+
+@pytest.mark.parametrize("variant", ["llama", "gpt2", "gpt_neox", "bert"])
+def test_unknown_site_error_lists_exactly_what_is_accepted(models, variant):
+    model = models(variant)
+    with pytest.raises(InnardsError) as e:
+        resolve_site(model, "blocks.0.nope")
+    msg = str(e.value)
+    assert "\n" not in msg and "L in 0..2" in msg
+    listed = _accepted(msg)
+    for name in listed:
+        resolve_site(model, name)  # every listed name is accepted
+    sites = [s for s in list_sites(model) if s.layer == 0 or not s.name.startswith("blocks.")]
+    assert set(listed) == {s.name for s in sites} | {s.tl_name for s in sites}  # and every accepted name is listed
+    refused = [f"blocks.0.{k}" for k in BLOCK_KINDS if f"blocks.0.{k}" not in listed]
+    for name in refused + [n for n in ("pos_embed", "ln_final_out") if n not in listed]:
+        with pytest.raises(InnardsError, match="does not exist in this"):
+            resolve_site(model, name)

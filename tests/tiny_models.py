@@ -1,11 +1,18 @@
-"""Tiny random-weight HF models built offline (Llama, GPT-2, GPT-NeoX, BERT) with a tiny BPE tokenizer."""
+"""Tiny random-weight HF models built offline.
+
+* ``make_tiny_model(arch, dir)``: Llama, GPT-2, GPT-NeoX or BERT saved with a tiny BPE tokenizer (for load_model);
+* ``tiny_model(variant)``: one of ``VARIANTS`` (every architecture the site rules cover, with the config variants
+  that change its block), built in memory for the architecture tests.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers as T
 
 ARCHS = ("llama", "gpt2", "gpt_neox", "bert")
 
@@ -77,3 +84,93 @@ def make_tiny_model(arch: str, tmp_path: str | Path, seed: int = 0, **overrides:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+# ---------------------------------------------------------------- every covered architecture, in memory
+
+D, HEADS, KV, D_HEAD, D_MLP, N_LAYERS, VOCAB = 32, 4, 2, 8, 48, 2, 64
+_LLAMA_LIKE = dict(hidden_size=D, intermediate_size=D_MLP, num_hidden_layers=N_LAYERS, num_attention_heads=HEADS,
+                   num_key_value_heads=KV, max_position_embeddings=64)
+_ENCODER = dict(hidden_size=D, intermediate_size=D_MLP, num_hidden_layers=N_LAYERS, num_attention_heads=HEADS,
+                max_position_embeddings=64)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A tiny config of one architecture: its model_type, config fields, and what it stands for."""
+
+    model_type: str
+    config: dict = field(default_factory=dict)
+    encoder: bool = False
+    like: str = ""  # the real models this variant stands for
+
+
+VARIANTS: dict[str, Variant] = {
+    "llama": Variant("llama", _LLAMA_LIKE, like="Llama 2/3, TinyLlama"),
+    "mistral": Variant("mistral", _LLAMA_LIKE, like="Mistral 7B"),
+    "qwen2": Variant("qwen2", _LLAMA_LIKE, like="Qwen2, Qwen2.5"),
+    "qwen3": Variant("qwen3", {**_LLAMA_LIKE, "head_dim": D_HEAD}, like="Qwen3"),
+    "gemma": Variant("gemma", {**_LLAMA_LIKE, "head_dim": D_HEAD}, like="Gemma"),
+    "phi3": Variant("phi3", _LLAMA_LIKE, like="Phi-3, Phi-4"),
+    "olmo": Variant("olmo", _LLAMA_LIKE, like="OLMo"),
+    "smollm3": Variant("smollm3", _LLAMA_LIKE, like="SmolLM3"),
+    "granite": Variant("granite", {**_LLAMA_LIKE, "residual_multiplier": 0.22, "embedding_multiplier": 12.0},
+                       like="Granite 3"),
+    "starcoder2": Variant("starcoder2", _LLAMA_LIKE, like="StarCoder2"),
+    "cohere": Variant("cohere", _LLAMA_LIKE, like="Command R"),
+    "stablelm": Variant("stablelm", {**_LLAMA_LIKE, "use_parallel_residual": False}, like="StableLM 2"),
+    "stablelm_parallel": Variant("stablelm", {**_LLAMA_LIKE, "use_parallel_residual": True}, like="StableLM (parallel)"),
+    "mixtral": Variant("mixtral", {**_LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2}, like="Mixtral 8x7B"),
+    "qwen2_moe": Variant("qwen2_moe", {**_LLAMA_LIKE, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                                       "shared_expert_intermediate_size": 40, "mlp_only_layers": [0]},
+                         like="Qwen1.5-MoE (layer 0 dense)"),
+    "qwen3_moe": Variant("qwen3_moe", {**_LLAMA_LIKE, "head_dim": D_HEAD, "num_experts": 4, "num_experts_per_tok": 2,
+                                       "moe_intermediate_size": 24}, like="Qwen3-MoE"),
+    "olmoe": Variant("olmoe", {**_LLAMA_LIKE, "num_experts": 4, "num_experts_per_tok": 2}, like="OLMoE"),
+    "gemma2": Variant("gemma2", {**_LLAMA_LIKE, "head_dim": D_HEAD}, like="Gemma 2"),
+    "gemma3_text": Variant("gemma3_text", {**_LLAMA_LIKE, "head_dim": D_HEAD}, like="Gemma 3 (text)"),
+    "olmo2": Variant("olmo2", _LLAMA_LIKE, like="OLMo 2"),
+    "gpt2": Variant("gpt2", dict(n_embd=D, n_layer=N_LAYERS, n_head=HEADS, n_positions=64), like="GPT-2"),
+    "gpt_neo": Variant("gpt_neo", dict(hidden_size=D, num_layers=N_LAYERS, num_heads=HEADS, max_position_embeddings=64,
+                                       attention_types=[[["global", "local"], 1]], window_size=4), like="GPT-Neo, TinyStories"),
+    "gpt_neox": Variant("gpt_neox", dict(hidden_size=D, intermediate_size=64, num_hidden_layers=N_LAYERS,
+                                         num_attention_heads=HEADS, max_position_embeddings=64), like="Pythia, GPT-NeoX-20B"),
+    "gpt_neox_seq": Variant("gpt_neox", dict(hidden_size=D, intermediate_size=64, num_hidden_layers=N_LAYERS,
+                                             num_attention_heads=HEADS, max_position_embeddings=64,
+                                             use_parallel_residual=False), like="GPT-NeoX (sequential)"),
+    "gptj": Variant("gptj", dict(n_embd=D, n_layer=N_LAYERS, n_head=HEADS, n_positions=64, rotary_dim=4), like="GPT-J 6B"),
+    "phi": Variant("phi", {**_LLAMA_LIKE, "num_key_value_heads": HEADS}, like="Phi-1.5, Phi-2"),
+    "falcon": Variant("falcon", dict(hidden_size=D, num_hidden_layers=N_LAYERS, num_attention_heads=HEADS, multi_query=True,
+                                     parallel_attn=True), like="Falcon 7B"),
+    "falcon_new": Variant("falcon", dict(hidden_size=D, num_hidden_layers=N_LAYERS, num_attention_heads=HEADS,
+                                         new_decoder_architecture=True, num_kv_heads=KV), like="Falcon 40B/180B"),
+    "falcon_seq": Variant("falcon", dict(hidden_size=D, num_hidden_layers=N_LAYERS, num_attention_heads=HEADS,
+                                         multi_query=False, parallel_attn=False), like="Falcon (sequential)"),
+    "falcon_alibi": Variant("falcon", dict(hidden_size=D, num_hidden_layers=N_LAYERS, num_attention_heads=HEADS,
+                                           multi_query=False, parallel_attn=True, alibi=True), like="Falcon-RW"),
+    "opt": Variant("opt", dict(hidden_size=D, ffn_dim=D_MLP, num_hidden_layers=N_LAYERS, num_attention_heads=HEADS,
+                               word_embed_proj_dim=D, max_position_embeddings=64), like="OPT-125m ... 66B"),
+    "opt_350m": Variant("opt", dict(hidden_size=D, ffn_dim=D_MLP, num_hidden_layers=N_LAYERS, num_attention_heads=HEADS,
+                                    word_embed_proj_dim=16, max_position_embeddings=64, do_layer_norm_before=False),
+                        like="OPT-350m (post-LN, projected embeddings)"),
+    "bert": Variant("bert", _ENCODER, encoder=True, like="BERT"),
+    "roberta": Variant("roberta", _ENCODER, encoder=True, like="RoBERTa"),
+    "xlm-roberta": Variant("xlm-roberta", _ENCODER, encoder=True, like="XLM-R"),
+    "electra": Variant("electra", {**_ENCODER, "embedding_size": 16}, encoder=True, like="ELECTRA (projected embeddings)"),
+    "distilbert": Variant("distilbert", dict(dim=D, hidden_dim=D_MLP, n_layers=N_LAYERS, n_heads=HEADS,
+                                             max_position_embeddings=64), encoder=True, like="DistilBERT"),
+    "modernbert": Variant("modernbert", {**_ENCODER, "cls_token_id": 1, "sep_token_id": 2, "global_attn_every_n_layers": 2,
+                                         "local_attention": 4}, encoder=True, like="ModernBERT"),
+}
+
+
+def tiny_model(variant: str, seed: int = 0, attn: str | None = None) -> T.PreTrainedModel:
+    """A tiny random-weight model of one VARIANTS entry, in eval mode (same seed: same weights).
+
+    ``attn``: the attention implementation (default: the library's choice, sdpa where supported).
+    """
+    v = VARIANTS[variant]
+    cfg = T.AutoConfig.for_model(v.model_type, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, **v.config)
+    torch.manual_seed(seed)
+    cls = T.AutoModel if v.encoder else T.AutoModelForCausalLM
+    return cls.from_config(cfg, **({"attn_implementation": attn} if attn else {})).eval()

@@ -1,90 +1,195 @@
 """Read and write activation sites with torch hooks on the real HF modules (no re-implemented models).
 
 * ``with capture(model, ["blocks.2.resid_post"]) as cache: model(ids)`` -> ``cache[name]`` is (B, T, d);
-* ``run_with_cache(model, ids, sites)`` -> dict, stopping the forward pass after the last site;
-* ``with edit(model, {"blocks.2.resid_post": fn}): ...`` where ``fn(act) -> new act`` (or None to keep).
+* ``run_with_cache(model, ids, sites)`` -> dict, stopping the forward pass after the last site; ``sites``
+  may also be a name filter (a callable on names, as TransformerLens' ``names_filter``), or None for all;
+* ``with edit(model, {"blocks.2.resid_post": fn}): ...`` where ``fn(act) -> new act`` (or None to keep);
+  a function with a second parameter gets the :class:`~innards.models.sites.Site` too, as TransformerLens
+  passes the hook: ``fn(act, hook)``.
 
 Every hook is removed when the context exits, also on exceptions. Edits run before captures at
 the same site (they are registered with ``prepend=True``), so a capture always sees edited values
-whichever context is outer. Under ``model.generate`` with a KV cache each call sees only the new
-tokens: (B, T_new, d).
+whichever context is outer. Captures are copies, so later in-place operations of the model cannot
+change them. Under ``model.generate`` with a KV cache each call sees only the new tokens: (B, T_new, d).
+Capturing ``pattern`` runs attention eagerly for the duration (the only implementation that forms
+the probabilities); ``pattern`` cannot be edited.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Literal, Union
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from innards.errors import InnardsError
-from innards.models.sites import KINDS, Site, expand_sites, resolve_site
+from innards.models.sites import Site, expand_sites, list_sites, resolve_site
 
-EditFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+EditFn = Callable[..., Union[torch.Tensor, None]]  # fn(act) or fn(act, site)
+NameFilter = Callable[[str], bool]
+Sites = Union[str, Site, Iterable[Union[str, Site]], NameFilter]
+Positions = Union[int, Sequence[int], slice, None]
 
 
 class _StopForward(Exception):
     """Raised from a hook once every requested site is captured; caught by run_with_cache."""
 
 
-def _first(x: Any) -> torch.Tensor:
-    return x[0] if isinstance(x, (tuple, list)) else x
+def _site_arg(fn: EditFn) -> Literal["", "positional", "keyword"]:
+    """How ``fn`` takes the Site, if at all: as a second positional argument or as ``hook=``."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return ""
+    pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in params) or (
+            len(pos) >= 2 and (pos[1].default is inspect.Parameter.empty or pos[1].name == "hook")):
+        return "positional"
+    if any(p.kind == p.VAR_KEYWORD or (p.kind == p.KEYWORD_ONLY and p.name == "hook") for p in params):
+        return "keyword"
+    return ""
 
 
-def _with_first(out: Any, new: torch.Tensor) -> Any:
-    if isinstance(out, tuple):
-        return (new, *out[1:])
-    if isinstance(out, list):
-        return [new, *out[1:]]
-    return new
+def _with_site(fn: EditFn, site: Site) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    how = _site_arg(fn)
+    if how == "positional":
+        return lambda act: fn(act, site)
+    if how == "keyword":
+        return lambda act: fn(act, hook=site)
+    return fn
 
 
-def _register(model: nn.Module, site: Site, fn: EditFn, prepend: bool = False) -> torch.utils.hooks.RemovableHandle:
-    """Hook ``fn`` on the site's module: it receives the activation and may return a replacement."""
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _register(model: PreTrainedModel, site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None],
+              prepend: bool = False) -> list[RemovableHandle]:
+    """Hook ``fn`` on the site: it receives the site's tensor and may return a replacement (None keeps it)."""
     module = model.get_submodule(site.module_path)
+    handles: list[RemovableHandle] = []
+    lead: list[torch.Size] = []  # (B, T) of the block's input, for modules that see (B*T, F)
+    if site.flat:
+        def remember(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            lead[:] = [_hidden(args, kwargs).shape[:-1]]
+
+        handles.append(model.get_submodule(site.block).register_forward_pre_hook(remember, with_kwargs=True, prepend=True))
+
+    def through(x: torch.Tensor) -> torch.Tensor | None:
+        act = site.split.read(x) if site.split is not None else x
+        if site.flat:
+            act = act.reshape(*lead[0], *act.shape[1:])
+        if site.scale is not None:
+            act = act * site.scale
+        new = fn(act)
+        if new is None:
+            return None
+        if site.scale is not None:
+            new = new / site.scale
+        if site.flat:
+            new = new.reshape(x.shape[0], *new.shape[len(lead[0]):])
+        return site.split.write(x, new) if site.split is not None else new
+
     if site.hook == "output":
-        def on_output(mod: nn.Module, args: Any, out: Any) -> Any:
-            new = fn(_first(out))
-            return None if new is None else _with_first(out, new)
+        def on_output(mod: nn.Module, args: tuple, out: object) -> object:
+            tup = isinstance(out, (tuple, list))
+            x = out[site.item] if tup else out
+            if not isinstance(x, torch.Tensor):
+                raise InnardsError(f"{site.module_path} did not return the tensor of {site.name} "
+                                   f"(got {type(x).__name__}); this attention implementation does not form it")
+            new = through(x)
+            if new is None:
+                return None
+            if not tup:
+                return new
+            items = list(out)
+            items[site.item] = new
+            return type(out)(items) if isinstance(out, list) else tuple(items)
 
-        return module.register_forward_hook(on_output, prepend=prepend)
+        handles.append(module.register_forward_hook(on_output, prepend=prepend))
+        return handles
 
-    def on_input(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+    def on_input(mod: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         if args:
-            new = fn(args[0])
+            new = through(args[0])
             return None if new is None else ((new, *args[1:]), kwargs)
-        new = fn(kwargs["hidden_states"])
+        new = through(kwargs["hidden_states"])
         return None if new is None else (args, {**kwargs, "hidden_states": new})
 
-    return module.register_forward_pre_hook(on_input, with_kwargs=True, prepend=prepend)
+    handles.append(module.register_forward_pre_hook(on_input, with_kwargs=True, prepend=prepend))
+    return handles
 
 
-def _named_sites(model: nn.Module, sites: str | Site | Iterable[str | Site]) -> list[tuple[str, Site]]:
-    """(key, Site) pairs: keys are the names as the caller spelled them; patterns expand to canonical names."""
+def _named_sites(model: PreTrainedModel, sites: Sites | None) -> list[tuple[str, Site]]:
+    """(key, Site) pairs: keys are the names as the caller spelled them; patterns expand to canonical names.
+
+    A callable selects every site whose canonical or TransformerLens name it accepts (keyed by that name).
+    """
+    if sites is None:
+        return [(s.name, s) for s in list_sites(model)]
+    if callable(sites) and not isinstance(sites, Site):
+        out = []
+        for s in list_sites(model):
+            key = s.name if sites(s.name) else s.tl_name if sites(s.tl_name) else None
+            if key is not None:
+                out.append((key, s))
+        if not out:
+            raise InnardsError("the name filter selects no site")
+        return out
     items = [sites] if isinstance(sites, (str, Site)) else list(sites)
     if not items:
         raise InnardsError("no sites given")
-    out: list[tuple[str, Site]] = []
+    named: list[tuple[str, Site]] = []
     for item in items:
         if isinstance(item, str) and any(c in item for c in "*?["):
-            out.extend((s.name, s) for s in expand_sites(model, item))
+            named.extend((s.name, s) for s in expand_sites(model, item))
         else:
             s = resolve_site(model, item)
-            out.append((item if isinstance(item, str) else s.name, s))
-    return out
+            named.append((item if isinstance(item, str) else s.name, s))
+    return named
 
 
 @contextmanager
-def _hooks(model: nn.Module, named: list[tuple[str, Site]], cache: dict, detach: bool,
-           accumulate: bool, stop_when_full: bool) -> Iterator[dict]:
+def _attention_weights(model: PreTrainedModel, sites: Iterable[Site]) -> Iterator[None]:
+    """Make attention modules return their probabilities while a ``pattern`` site is hooked."""
+    patterns = [s for s in sites if s.kind == "pattern"]
+    if not patterns:
+        yield
+        return
     handles = []
+    for s in patterns:
+        module = model.get_submodule(s.module_path)
+        if "output_attentions" in inspect.signature(module.forward).parameters:  # older attention code asks for a flag
+            handles.append(module.register_forward_pre_hook(
+                lambda mod, args, kwargs: (args, {**kwargs, "output_attentions": True}), with_kwargs=True))
+    config = model.config
+    old = config._attn_implementation
+    config._attn_implementation = "eager"  # shared by every attention module and the mask builder
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _hooks(model: PreTrainedModel, named: list[tuple[str, Site]], cache: dict, detach: bool,
+           accumulate: bool, stop_when_full: bool) -> Iterator[dict]:
+    handles: list[RemovableHandle] = []
     wanted = {key for key, _ in named}
 
-    def recorder(key: str) -> EditFn:
+    def recorder(key: str) -> Callable[[torch.Tensor], None]:
         def record(act: torch.Tensor) -> None:
-            value = act.detach() if detach else act
+            # a copy: some blocks add into a sub-layer's output in place (Falcon's parallel MLP)
+            value = act.detach().clone() if detach else act.clone()
             if accumulate:
                 cache.setdefault(key, []).append(value)
             else:
@@ -95,16 +200,17 @@ def _hooks(model: nn.Module, named: list[tuple[str, Site]], cache: dict, detach:
 
     try:
         for key, site in named:
-            handles.append(_register(model, site, recorder(key)))
-        yield cache
+            handles += _register(model, site, recorder(key))
+        with _attention_weights(model, [s for _, s in named]):
+            yield cache
     finally:
         for h in handles:
             h.remove()
 
 
 @contextmanager
-def capture(model: nn.Module, sites: str | Site | Iterable[str | Site], detach: bool = True,
-            accumulate: bool = False) -> Iterator[dict[str, Any]]:
+def capture(model: PreTrainedModel, sites: Sites | None, detach: bool = True,
+            accumulate: bool = False) -> Iterator[dict[str, torch.Tensor | list[torch.Tensor]]]:
     """Context manager yielding a dict filled by forward passes: site name -> (B, T, d) tensor.
 
     Several forward calls in the context keep the last value, or a list of all with ``accumulate``.
@@ -115,13 +221,17 @@ def capture(model: nn.Module, sites: str | Site | Iterable[str | Site], detach: 
         yield cache
 
 
-def _order(site: Site) -> tuple[int, int]:
-    return site.layer, KINDS.index(site.kind)
+def run_with_cache(model: PreTrainedModel, input_ids: torch.Tensor | Sequence, sites: Sites | None = None,
+                   stop_early: bool = True, *, names_filter: Sites | None = None,
+                   **forward_kwargs: object) -> dict[str, torch.Tensor]:
+    """One no-grad forward pass returning {site: tensor}; with stop_early, stops after the last site.
 
-
-def run_with_cache(model: nn.Module, input_ids: torch.Tensor | Sequence, sites: str | Site | Iterable[str | Site],
-                   stop_early: bool = True, **forward_kwargs: Any) -> dict[str, torch.Tensor]:
-    """One no-grad forward pass returning {site: (B, T, d)}; with stop_early, stops after the last site."""
+    ``sites`` (or TransformerLens' ``names_filter``): names, patterns, a callable on names, or None for all.
+    """
+    if names_filter is not None:
+        if sites is not None:
+            raise InnardsError("give sites or names_filter, not both")
+        sites = names_filter
     named = _named_sites(model, sites)
     ids = torch.as_tensor(input_ids)
     if ids.dim() == 1:
@@ -142,45 +252,67 @@ def run_with_cache(model: nn.Module, input_ids: torch.Tensor | Sequence, sites: 
     return cache
 
 
+def _checked(site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    def run(act: torch.Tensor) -> torch.Tensor | None:
+        new = fn(act)
+        if new is not None and (not isinstance(new, torch.Tensor) or new.shape != act.shape):
+            got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+            raise InnardsError(f"edit of {site.name} returned {got}, expected a tensor of shape {tuple(act.shape)}")
+        return new
+    return run
+
+
+def _register_edit(model: PreTrainedModel, site: Site, fn: EditFn) -> list[RemovableHandle]:
+    run = _checked(site, _with_site(fn, site))
+    if site.edit != "delta":
+        return _register(model, site, run, prepend=True)
+    # the block keeps resid_mid = resid_pre + attn_out in a variable, so edit it through attn_out
+    pre = resolve_site(model, f"blocks.{site.layer}.resid_pre")
+    attn = resolve_site(model, f"blocks.{site.layer}.attn_out")
+    seen: list[torch.Tensor] = []
+
+    def remember(act: torch.Tensor) -> None:
+        seen[:] = [act]
+
+    def through_attn(a: torch.Tensor) -> torch.Tensor | None:
+        new = run(seen[0] + a)
+        return None if new is None else new - seen[0]
+
+    # appended, not prepended: it must see resid_pre after any edit of it
+    return _register(model, pre, remember) + _register(model, attn, through_attn, prepend=True)
+
+
 @contextmanager
-def edit(model: nn.Module, edits: Mapping[str | Site, EditFn]) -> Iterator[None]:
-    """Context manager replacing each site's activation by ``fn(act)`` (act is (B, T, d); None keeps it)."""
+def edit(model: PreTrainedModel, edits: Mapping[str | Site, EditFn]) -> Iterator[None]:
+    """Context manager replacing each site's activation by ``fn(act)`` (or ``fn(act, site)``; None keeps it)."""
     named = [(key, s, fn) for key, fn in edits.items() for _, s in _named_sites(model, key)]
-    for key, _, fn in named:
+    for key, s, fn in named:
         if not callable(fn):
             raise InnardsError(f"edit for site '{key}' is not a function")
-    handles = []
-
-    def checked(site: Site, fn: EditFn) -> EditFn:
-        def run(act: torch.Tensor) -> torch.Tensor | None:
-            new = fn(act)
-            if new is not None and (not isinstance(new, torch.Tensor) or new.shape != act.shape):
-                got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
-                raise InnardsError(f"edit of {site.name} returned {got}, expected a tensor of shape {tuple(act.shape)}")
-            return new
-        return run
-
+        if s.edit == "none":
+            raise InnardsError(f"{s.name} can be read but not edited: the attention probabilities are formed "
+                               "inside the attention function (edit q, k or z instead)")
+    handles: list[RemovableHandle] = []
     try:
         for _, site, fn in named:
-            handles.append(_register(model, site, checked(site, fn), prepend=True))
+            handles += _register_edit(model, site, fn)
         yield
     finally:
         for h in handles:
             h.remove()
 
 
-def _select(act: torch.Tensor, positions: int | Sequence[int] | slice | None) -> Any:
+def _select(act: torch.Tensor, positions: Positions) -> slice | list[int]:
     """Index of the positions along T; ints outside the current call's length are skipped."""
     if positions is None:
         return slice(None)
     if isinstance(positions, slice):
         return positions
     t = act.shape[1]
-    keep = [p for p in ([positions] if isinstance(positions, int) else positions) if -t <= p < t]
-    return keep
+    return [p for p in ([positions] if isinstance(positions, int) else positions) if -t <= p < t]
 
 
-def add_vector(vec: torch.Tensor, scale: float = 1.0, positions: int | Sequence[int] | slice | None = None) -> EditFn:
+def add_vector(vec: torch.Tensor, scale: float = 1.0, positions: Positions = None) -> EditFn:
     """Edit function adding ``scale * vec`` (shape (d,)) at the given positions of every sequence.
 
     Positions index the current forward call: under ``generate`` with a KV cache, later calls see
@@ -192,17 +324,16 @@ def add_vector(vec: torch.Tensor, scale: float = 1.0, positions: int | Sequence[
         if vec.shape[-1] != act.shape[-1]:
             raise InnardsError(f"steering vector has width {vec.shape[-1]}, the site has {act.shape[-1]}")
         delta = (scale * vec).to(device=act.device, dtype=act.dtype)
-        idx = _select(act, positions)
         if positions is None:
             return act + delta
         out = act.clone()
-        out[:, idx] += delta
+        out[:, _select(act, positions)] += delta
         return out
 
     return add
 
 
-def replace_with(value: torch.Tensor, positions: int | Sequence[int] | slice | None = None) -> EditFn:
+def replace_with(value: torch.Tensor, positions: Positions = None) -> EditFn:
     """Edit function replacing the activation by ``value`` (broadcast to (B, T, d)) at the positions."""
     value = torch.as_tensor(value)
 
