@@ -13,12 +13,15 @@ import hashlib
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
+import transformers
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from innards import hub
 from innards.errors import InnardsError
+from innards.io import sha256_file
 from innards.runtime import default_device, dtype_name, parse_dtype
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
@@ -72,8 +75,6 @@ def _weights_sha256(d: Path) -> str | None:
     files = sorted(d.glob("*.safetensors"))
     if not files:
         return None
-    from innards.io import sha256_file
-
     if len(files) == 1:
         return sha256_file(files[0])
     h = hashlib.sha256()
@@ -82,21 +83,15 @@ def _weights_sha256(d: Path) -> str | None:
     return h.hexdigest()
 
 
-def _auto_class(config: Any) -> Any:
-    import transformers
-
+def _auto_class(config: PretrainedConfig) -> type:
     if config.model_type in ENCODER_TYPES and not getattr(config, "is_decoder", False):
         return transformers.AutoModel
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return transformers.AutoModelForCausalLM
     return transformers.AutoModel
 
 
-def _tokenizer_from_dir(d: Path) -> Any:
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
+def _tokenizer_from_dir(d: Path) -> PreTrainedTokenizerFast:
     if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         raise InnardsError(f"no tokenizer files in {d}")
     try:
@@ -110,17 +105,15 @@ def _tokenizer_from_dir(d: Path) -> Any:
     return tok
 
 
-def load_tokenizer(name_or_path: str | os.PathLike, revision: str | None = None) -> Any:
+def load_tokenizer(name_or_path: str | os.PathLike, revision: str | None = None) -> PreTrainedTokenizerFast:
     """The fast tokenizer of a model name, alias, local directory or hub id (offline-first)."""
     d, _ = resolve_model_dir(name_or_path, revision, need_weights=False)
     return _tokenizer_from_dir(d)
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "fp32", device: str | None = None,
-               revision: str | None = None) -> Any:
+               revision: str | None = None) -> PreTrainedModel:
     """HF model in eval mode with ``.tokenizer`` and ``.innards_source`` attached (``device="meta"``: no weights)."""
-    import transformers
-
     dt = parse_dtype(dtype)
     meta = str(device) == "meta"
     d, rev = resolve_model_dir(name_or_path, revision, need_weights=not meta)
@@ -151,7 +144,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "fp32
         if not meta:
             raise
         model.tokenizer = None  # a skeleton for listing sites needs only config.json
-    source: dict[str, Any] = {"name": str(name_or_path), "path": str(d), "arch": config.model_type,
+    source: dict[str, str | None] = {"name": str(name_or_path), "path": str(d), "arch": config.model_type,
                               "class": type(model).__name__, "dtype": dtype_name(dt),
                               "attn_implementation": getattr(model.config, "_attn_implementation", None)}
     if rev:
