@@ -2,14 +2,19 @@
 
 Synthetic but well-formed runs are written to a work folder (a ``glp neurons`` folder and a VPD run with
 its contexts), then timed: discovery, the first list page after the server starts (the big JSON parsed
-once), later list pages (offset, search), item pages, and the static report (time, files, bytes of the
-list each browser page loads).
+once, in the background, as soon as the server listens), later list pages (offset, search), item pages,
+the start of ``innards view`` as a command, and the static report (time, files, bytes of the list each
+browser page loads).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -23,6 +28,7 @@ import torch
 from innards.bench.memory import peak_rss_mb
 from innards.io import save_tensors, write_json
 from innards.viewer.discover import discover
+from innards.viewer.pages import Pages
 from innards.viewer.report import build_report
 from innards.viewer.server import ViewerServer
 
@@ -101,12 +107,31 @@ def _get(url: str) -> tuple[float, Any]:
     return time.perf_counter() - t0, body
 
 
+def _cli_start(folder: Path) -> float:
+    """Seconds from ``innards view FOLDER`` being started to its URL being printed (then it is stopped)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "innards", "view", str(folder), "--port", "0"], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in p.stdout:  # type: ignore[union-attr]
+            if "open http" in line:
+                return round(time.perf_counter() - t0, 3)
+        return float("nan")
+    finally:
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def bench_view(cfg: BenchViewConfig) -> dict[str, Any]:
     """Write the synthetic runs, time the viewer on them, print (and optionally save) the figures."""
     tmp = tempfile.TemporaryDirectory(prefix="innards-bench-view-") if cfg.work is None else None
     work = Path(cfg.work) if cfg.work else Path(tmp.name)  # type: ignore[union-attr]
     rng = random.Random(0)
-    res: dict[str, Any] = {"neurons": cfg.neurons, "subcomponents": cfg.subcomponents, "top": cfg.top, "context": cfg.context}
+    res: dict[str, Any] = {"n_neurons": cfg.neurons, "n_subcomponents": cfg.subcomponents, "top": cfg.top,
+                           "context": cfg.context}
     try:
         t0 = time.perf_counter()
         _neurons_run(work / "runs" / "neurons", cfg.neurons, cfg.top, cfg.context, rng)
@@ -120,9 +145,17 @@ def bench_view(cfg: BenchViewConfig) -> dict[str, Any]:
         res["discover_s"] = round(time.perf_counter() - t0, 3)
         ids = {r.kind: r.id for r in runs}
 
+        res["cli_start_s"] = _cli_start(work / "runs")
+        for kind in ("neurons", "vpd"):
+            t0 = time.perf_counter()
+            Pages(runs).all_rows(ids[kind])
+            res.setdefault(kind, {})["parse_once_s"] = round(time.perf_counter() - t0, 2)
+
         t0 = time.perf_counter()
         srv = ViewerServer([work / "runs"], port=0).start()
         res["server_listening_s"] = round(time.perf_counter() - t0, 3)
+        srv.viewer.warmed.wait()
+        res["server_warmup_s"] = round(time.perf_counter() - t0, 2)
         base = f"http://127.0.0.1:{srv.port}/api"
         try:
             for kind, n in (("neurons", cfg.neurons), ("vpd", cfg.subcomponents)):
@@ -133,7 +166,7 @@ def bench_view(cfg: BenchViewConfig) -> dict[str, Any]:
                 t_search, found = _get(f"{base}/run/{rid}/list?offset=0&limit=50&q=river")
                 t_run, _ = _get(f"{base}/run/{rid}")
                 t_item, _ = _get(f"{base}/run/{rid}/item/{urllib.request.quote(item)}")
-                res[kind] = {"first_list_page_s": round(t_first, 3), "later_list_page_s": round(t_page, 4),
+                res[kind] |= {"first_list_page_s": round(t_first, 3), "later_list_page_s": round(t_page, 4),
                              "search_s": round(t_search, 4), "search_hits": found["total"], "run_page_s": round(t_run, 4),
                              "item_page_s": round(t_item, 4)}
         finally:

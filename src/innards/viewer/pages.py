@@ -479,7 +479,7 @@ class Pages:
                                  "firing": r4(e.get("firing_frac")), "snippet": "", "search": cid.lower()})
             # the most important first: by mean CI, components without contexts last
             rows.sort(key=lambda r: (r["mean_ci"] is None, -(r["mean_ci"] or 0.0), r["matrix"], r["idx"]))
-            return {"rows": rows, "contexts": comps, "meta": meta, "threshold": thr}
+            return {"rows": rows, "by_id": {r["id"]: r for r in rows}, "contexts": comps, "meta": meta, "threshold": thr}
 
         return self._memo(("vpd", run.id), files, build)
 
@@ -502,32 +502,45 @@ class Pages:
 
     def _component(self, run: RunInfo, cid: str) -> dict[str, Any]:
         data = self._vpd_data(run)
-        row = next((r for r in data["rows"] if r["id"] == cid), None)
+        row = data["by_id"].get(cid)
         if row is None:
             raise KeyError(f"no subcomponent {cid}")
         e = data["contexts"].get(cid) or {}
-        ablations = []
-        for a in self.related(run, ("vpd-ablate",)):
-            try:
-                res = read_json(a.path if a.is_file else a.path / "ablate.json", "VPD ablation")
-            except InnardsError as err:
-                ablations.append({"id": a.id, "error": one_line(str(err))})
-                continue
-            if res.get("component") == cid:
-                ablations.append({"id": a.id, **r4(res)})
-        graphs = []
+        an = self._vpd_analyses(run)
         matrix, _, idx = cid.rpartition(":")
-        for g in self.related(run, ("vpd-graph",)):
-            try:
-                gd = read_json(g.path / "graph.json", "VPD graph")
-            except InnardsError:
-                continue
-            hits = [n["id"] for n in gd.get("nodes") or [] if n.get("matrix") == matrix and str(n.get("component")) == idx]
-            if hits:
-                graphs.append({"id": g.id, "highlight": hits, "graph": r4(gd), "order": self._matrix_order(run)})
+        ablations = [{"id": aid, **res} for aid, res in an["ablations"] if res.get("component") == cid]
+        graphs = [{"id": gid, "highlight": nodes[cid], "graph": gd, "order": self._matrix_order(run)}
+                  for gid, gd, nodes in an["graphs"] if cid in nodes]
         return {"id": cid, "matrix": matrix, "idx": int(idx), "mean_ci": row["mean_ci"], "firing": row["firing"],
                 "examples": r4(e.get("examples") or []), "ablations": ablations, "graphs": graphs,
                 "threshold": data["threshold"], "vpd": run.id}
+
+    def _vpd_analyses(self, run: RunInfo) -> dict[str, list]:
+        """The run's ablations and attribution graphs, read once (an item page looks up its own)."""
+        abl = self.related(run, ("vpd-ablate",))
+        grs = self.related(run, ("vpd-graph",))
+        files = [a.path if a.is_file else a.path / "ablate.json" for a in abl] + [g.path / "graph.json" for g in grs]
+
+        def build() -> dict[str, list]:
+            ablations, graphs = [], []
+            for a in abl:
+                try:
+                    ablations.append((a.id, r4(read_json(a.path if a.is_file else a.path / "ablate.json", "VPD ablation"))))
+                except InnardsError as err:
+                    ablations.append((a.id, {"error": one_line(str(err))}))
+            for g in grs:
+                try:
+                    gd = r4(read_json(g.path / "graph.json", "VPD graph"))
+                except InnardsError:
+                    continue
+                nodes: dict[str, list[str]] = {}
+                for n in gd.get("nodes") or []:
+                    if "component" in n:
+                        nodes.setdefault(f"{n['matrix']}:{n['component']}", []).append(n["id"])
+                graphs.append((g.id, gd, nodes))
+            return {"ablations": ablations, "graphs": graphs}
+
+        return self._memo(("vpd-analyses", run.id), files, build)
 
     def _matrix_order(self, run: RunInfo) -> list[str]:
         meta = self._vpd_data(run)["meta"]

@@ -61,7 +61,8 @@ class Viewer:
         self.model = model
         self.pages: Any = None
         self.playground: Any = None
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # page builders imported: requests can be answered
+        self.warmed = threading.Event()  # big lists parsed and the playground's model loaded
         self.warm_error: str | None = None
         self.static = {p.name: p for p in STATIC.iterdir() if p.is_file() and p.name != "index.html"}
         self.html = app_html("server").encode()
@@ -79,6 +80,7 @@ class Viewer:
         except Exception as e:  # the server keeps answering: every API call then reports this
             self.warm_error = one_line(f"{e.__class__.__name__}: {e}")
             self.ready.set()
+            self.warmed.set()
             return
         self.ready.set()
         for r in self.runs:
@@ -89,6 +91,7 @@ class Viewer:
                     pass
         if self.playground is not None and self.playground.available:
             self.playground.warm()
+        self.warmed.set()
 
     def wait(self) -> Any:
         if not self.ready.wait(120):
