@@ -49,12 +49,13 @@ def test_sweep_fits_plots_and_reuses_runs(tiny_model_dir, tmp_path):
 
     from innards.cli import main
     from innards.glp.scale import ScaleConfig, scale
+    from innards.glp.train import GLPOptimConfig
 
     model_dir = tiny_model_dir("llama")
     from test_glp_eval import make_tiny_store
 
     store = make_tiny_store(tmp_path, model_dir)
-    cfg = ScaleConfig(acts=str(store), out=str(tmp_path / "scale"), depths=[1, 2], tokens=20000, batch_size=256, lr=1e-3,
+    cfg = ScaleConfig(acts=str(store), out=str(tmp_path / "scale"), depths=[1, 2], tokens=20000, batch_size=256, optim=GLPOptimConfig(lr=1e-3),
                       checkpoints=4, val_rows=1000, precision="fp32", model=str(model_dir), eval_n=150, eval_steps=4,
                       lm_docs=6, progress=False)
     res = scale(cfg)

@@ -29,11 +29,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from innards.bench.memory import peak_rss_mb
+from innards.config import at_least, positive
+from innards.data.harvest import HarvestConfig, harvest
 from innards.data.shared import shared_data_dir
+from innards.data.store import ActivationStore
 from innards.errors import InnardsError
+from innards.glp import schedule as sch
+from innards.glp.fd import frechet_distance
+from innards.glp.model import GLP
+from innards.glp.train import GLPOptimConfig, GLPTrainConfig, train_glp
+from innards.models.load import load_model
+from innards.models.sites import n_layers
+from innards.runlog import read_metrics
 
 
 @dataclass
@@ -45,18 +56,25 @@ class BenchGLPConfig:
     glp: str | None = None
     """GLP folder to sample from for fd_by_nfe (default: train one on the store)"""
     model: str = "demo"
+    """model to harvest from when --acts is not given"""
     site: str | None = None
     """site to harvest (default: resid_post of the middle block)"""
     text: str | None = None
     """text to harvest (default: ../shared/data children's books when present, else random tokens)"""
     tokens: int = 400_000
+    """rows to harvest when --acts is not given"""
     depth: int = 3
+    """GLP depth"""
     batch_size: int = 4096
+    """activations per optimiser step"""
     steps: int = 40
     """optimiser steps timed for the throughput"""
     log_every: int = 5
+    """steps per timed interval (the first interval is warm-up and not counted)"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """bf16 autocast or fp32 (see innards glp train)"""
     compile: bool = False
+    """torch.compile the denoiser"""
     threads: int | None = None
     """torch threads in the timed child (default: torch's default)"""
     fd_n: int = 2048
@@ -64,6 +82,7 @@ class BenchGLPConfig:
     fd_train_steps: int = 1500
     """steps of the GLP trained for fd_by_nfe when --glp is not given"""
     fd_lr: float = 1e-3
+    """peak learning rate of the GLP trained for fd_by_nfe"""
     nfe: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 1000])
     """numbers of network evaluations for fd_by_nfe"""
     schedules: list[str] = field(default_factory=lambda: ["uniform", "shift"])
@@ -71,6 +90,13 @@ class BenchGLPConfig:
     out: str | None = None
     """work folder (default: a temporary folder, removed afterwards)"""
     seed: int = 0
+    """seed of the harvest, the training and the samples"""
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "tokens", "depth", "batch_size", "steps", "log_every", "threads", "fd_n", "fd_train_steps")
+        positive(self, "fd_lr")
+        if any(n < 1 for n in self.nfe):
+            raise InnardsError(f"--nfe must list positive numbers of evaluations, got {self.nfe}")
 
 
 def _rss_mb() -> dict[str, float]:
@@ -137,10 +163,6 @@ def model_shapes(d_in: int, d_model: int, d_mlp: int, n_blocks: int, batch: int)
 
 def _child_train(args: dict[str, Any]) -> dict[str, Any]:
     """Run in a fresh process: train, sample RSS, then measure the matmul peak of the same shapes."""
-    from innards.glp.model import GLP
-    from innards.glp.train import GLPTrainConfig, train_glp
-    from innards.runlog import read_metrics
-
     if args.get("threads"):
         torch.set_num_threads(int(args["threads"]))
     samples: list[dict[str, float]] = []
@@ -203,30 +225,23 @@ def _default_text(tokens: int, context: int = 256) -> str:
 def _store(cfg: BenchGLPConfig, work: Path) -> Path:
     if cfg.acts:
         return Path(cfg.acts)
-    from innards.data.harvest import HarvestConfig, harvest
-    from innards.models.load import load_model
-    from innards.models.sites import n_layers
-
     site = cfg.site
     model = load_model(cfg.model)
     if site is None:
         site = f"blocks.{n_layers(model) // 2 - 1}.resid_post"
     out = work / "store"
     harvest(HarvestConfig(model=cfg.model, site=[site], text=cfg.text or _default_text(cfg.tokens), tokens=cfg.tokens,
-                          out=str(out), dtype="bf16", val_fraction=0.05, seed=cfg.seed), model=model)
+                          out=str(out), store_dtype="bf16", val_fraction=0.05, seed=cfg.seed), model=model)
     return out
 
 
-def fd_by_nfe(glp: Any, real: torch.Tensor, nfes: list[int], schedules: list[str], seed: int = 0,
+def fd_by_nfe(glp: GLP, real: torch.Tensor, nfes: list[int], schedules: list[str], seed: int = 0,
               solvers: tuple[str, ...] = ("euler", "heun", "ab2")) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
     """FD of samples vs real rows, and vs the many-step Euler samples of the same noise (solver error alone).
 
     Keys are ``solver`` (uniform grid) or ``solver_schedule``; every run starts from the same noise.
     Many-step runs (>= 100 evaluations) use the uniform grid and Euler or Heun only: they are the reference.
     """
-    from innards.glp import schedule as sch
-    from innards.glp.fd import frechet_distance
-
     top = max(nfes)
     ref = glp.sample(real.shape[0], steps=top, solver="euler", seed=seed)
     vs_real: dict[str, dict[int, float]] = {}
@@ -250,11 +265,6 @@ def fd_by_nfe(glp: Any, real: torch.Tensor, nfes: list[int], schedules: list[str
 
 def bench_glp(cfg: BenchGLPConfig) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-able result."""
-    from innards.data.store import ActivationStore
-    from innards.glp.fd import frechet_distance
-    from innards.glp.model import GLP
-    from innards.glp.train import GLPTrainConfig, train_glp
-
     if cfg.steps < 2 * cfg.log_every:
         raise InnardsError(f"--steps must be at least {2 * cfg.log_every} (the first {cfg.log_every} are warm-up)")
     work = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="innards-bench-glp-"))
@@ -282,12 +292,11 @@ def bench_glp(cfg: BenchGLPConfig) -> dict[str, Any]:
             glp = GLP.from_pretrained(cfg.glp)
         else:
             fd_out = train_glp(GLPTrainConfig(acts=str(store_dir), out=str(work / "fd_glp"), depth=cfg.depth,
-                                              batch_size=min(cfg.batch_size, 1024), steps=cfg.fd_train_steps, lr=cfg.fd_lr,
+                                              batch_size=min(cfg.batch_size, 1024), steps=cfg.fd_train_steps,
+                                              optim=GLPOptimConfig(lr=cfg.fd_lr),
                                               precision=cfg.precision, seed=cfg.seed, checkpoints=1, val_rows=2048,
                                               overwrite=True))
             glp = GLP.from_pretrained(fd_out)
-        import numpy as np
-
         val_idx = store.split_rows("val")
         rng = np.random.default_rng(cfg.seed)
         n = min(cfg.fd_n, len(val_idx))

@@ -14,4 +14,5 @@ def main(argv: list[str] | None = None) -> int:
 
     return command(ScaleConfig, run, argv, prog="innards glp scale",
                    description="Train GLPs of several depths with log-spaced checkpoints, fit L(C) = E + A C^-alpha "
-                               "(C = 6 N D) to the compute-efficient envelope of validation loss, and plot it.")
+                               "(C = 6 N D) to the compute-efficient envelope of validation loss, and plot it.",
+                   aliases={"--lr": "--optim.lr"})

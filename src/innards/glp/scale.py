@@ -12,9 +12,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
+import yaml
+from matplotlib.ticker import LogFormatter
+from scipy.optimize import curve_fit
 
+from innards.config import at_least, diff, require, save_config, to_dict, within
+from innards.data.store import ActivationStore
 from innards.errors import InnardsError
+from innards.glp.c2st import c2st_auc
+from innards.glp.delta_lm import delta_lm_loss, sequences_from_rows
+from innards.glp.model import GLP
+from innards.glp.train import GLPOptimConfig, GLPTrainConfig, train_glp
+from innards.io import read_json, write_json
+from innards.models.load import load_model
+from innards.run import Run, read_run, save_png
+from innards.runtime import default_device
 
 
 def envelope(compute: Sequence[float], loss: Sequence[float]) -> np.ndarray:
@@ -39,8 +53,6 @@ def power_law(C: Any, E: float, A: float, alpha: float) -> np.ndarray:
 
 def fit_power_law(compute: Sequence[float], loss: Sequence[float]) -> dict[str, Any]:
     """Fit L(C) = E + A*C^-alpha in log space; returns E, A, alpha, R^2 (log and linear space) and n."""
-    from scipy.optimize import curve_fit
-
     C = np.asarray(compute, dtype=np.float64)
     L = np.asarray(loss, dtype=np.float64)
     if C.size < 3 or not (np.all(C > 0) and np.all(L > 0)):
@@ -95,10 +107,13 @@ class ScaleConfig:
     tokens: int | None = None
     """activations per run (default: one pass over the store)"""
     batch_size: int = 4096
-    lr: float | None = None
-    """learning rate of every run (default: innards glp train's)"""
+    """activations per optimiser step of every run"""
+    optim: GLPOptimConfig = field(default_factory=GLPOptimConfig)
+    """AdamW and its schedule for every run (the same as innards glp train's)"""
     d_model: int | None = None
+    """model width of every run (default 2 x activation width)"""
     d_mlp: int | None = None
+    """SwiGLU width of every run (default 4 x activation width)"""
     checkpoints: int = 12
     """log-spaced checkpoints per run (the points of the scaling plot)"""
     fit_from: float = 0.01
@@ -106,8 +121,11 @@ class ScaleConfig:
     val_rows: int = 16384
     """held-out activations for the validation loss (the same rows and noise for every run)"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """bf16 autocast or fp32 (see innards glp train)"""
     seed: int = 0
+    """seed of every run and of the downstream evaluations"""
     device: str | None = None
+    """training device (default: cuda if available, else cpu)"""
     model: str | None = None
     """language model for delta_lm_glp of the envelope checkpoints"""
     downstream: bool = True
@@ -117,53 +135,44 @@ class ScaleConfig:
     eval_steps: int = 32
     """sampler steps for the downstream C2ST samples"""
     eval_solver: Literal["euler", "heun"] = "heun"
+    """sampler for the downstream C2ST samples"""
     lm_docs: int = 64
     """held-out documents for the downstream delta LM loss"""
     max_len: int = 128
+    """tokens per held-out sequence for the downstream delta LM loss"""
     overwrite: bool = False
     """retrain runs whose settings differ from a previous sweep in --out"""
     progress: bool = True
+    """show progress bars"""
+
+    def __post_init__(self) -> None:
+        require(bool(self.depths) and min(self.depths) >= 1, f"--depths must list positive depths, e.g. 1,2,3,6; got {self.depths}")
+        at_least(self, 1, "tokens", "batch_size", "d_model", "d_mlp", "eval_n", "eval_steps", "lm_docs")
+        at_least(self, 2, "checkpoints", "max_len")
+        at_least(self, 0, "val_rows")
+        within(self, "fit_from", 0.0, 1.0, open_hi=True)
 
 
-def _train_cfg(cfg: ScaleConfig, depth: int, run: Path) -> Any:
-    from innards.glp.train import GLPTrainConfig
+# settings that only change the analysis of finished runs, not the runs
+ANALYSIS = {"fit_from", "model", "downstream", "eval_n", "eval_steps", "eval_solver", "lm_docs", "max_len", "device"}
 
-    extra = {"lr": cfg.lr} if cfg.lr is not None else {}
+
+def _train_cfg(cfg: ScaleConfig, depth: int, run: Path) -> GLPTrainConfig:
     return GLPTrainConfig(acts=cfg.acts, out=str(run), depth=depth, d_model=cfg.d_model, d_mlp=cfg.d_mlp,
-                          tokens=cfg.tokens, batch_size=cfg.batch_size, checkpoints=cfg.checkpoints,
+                          tokens=cfg.tokens, batch_size=cfg.batch_size, optim=cfg.optim, checkpoints=cfg.checkpoints,
                           val_rows=cfg.val_rows, precision=cfg.precision, seed=cfg.seed, device=cfg.device,
-                          progress=cfg.progress, **extra)
-
-
-_FREE = {"resume", "overwrite", "progress", "device", "out"}
+                          progress=cfg.progress, overwrite=cfg.overwrite)
 
 
 def _run_depth(cfg: ScaleConfig, depth: int, run: Path) -> None:
-    """Train one run of the sweep, reusing a finished run with the same settings or resuming a cut one."""
-    import yaml
-
-    from innards.config import to_dict
-    from innards.glp.train import train_glp
-
+    """Train one run of the sweep: a finished run with the same settings is reused, a cut one resumed."""
     tcfg = _train_cfg(cfg, depth, run)
-    want = {k: v for k, v in to_dict(tcfg).items() if k not in _FREE}
-    saved_path = run / "config.yaml"
-    saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else None
-    same = saved is not None and {k: v for k, v in saved.items() if k not in _FREE} == want
-    if (run / "config.json").is_file() and same:
-        return  # finished with these settings: reuse
-    if saved is not None and not same and not cfg.overwrite:
-        raise InnardsError(f"{run} holds a run with other settings; use --overwrite to retrain it, or another --out")
-    if same and (run / "resume" / "state.json").is_file():
-        tcfg.resume = True
-    else:
-        tcfg.overwrite = True
+    rec = read_run(run)
+    tcfg.resume = rec is not None and rec.get("status") == "running" and not cfg.overwrite
     train_glp(tcfg)
 
 
 def _checkpoints(run: Path) -> list[dict[str, Any]]:
-    from innards.io import read_json
-
     pts = []
     for ck in sorted((run / "checkpoints").glob("step_*")):
         if not (ck / "config.json").is_file():
@@ -181,22 +190,35 @@ def _checkpoints(run: Path) -> list[dict[str, Any]]:
 
 def scale(cfg: ScaleConfig) -> dict[str, Any]:
     """Train the depth sweep, fit L(C) = E + A C^-alpha to the envelope, draw the plots; writes scale.json."""
-    from innards.config import save_config
-    from innards.io import write_json
-
     if not cfg.acts:
         raise InnardsError("give --acts DIR (an activation store)")
     if not Path(cfg.acts).exists():
         raise InnardsError(f"activation store not found: {cfg.acts}")
-    depths = sorted({int(d) for d in cfg.depths})
-    if not depths or min(depths) < 1:
-        raise InnardsError("--depths must list positive depths, e.g. 1,2,3,6")
-    if cfg.checkpoints < 2:
-        raise InnardsError("--checkpoints must be at least 2")
-    if not 0.0 <= cfg.fit_from < 1.0:
-        raise InnardsError("--fit-from must be in [0, 1)")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    saved = read_run(out)
+    with Run.open(out, "scale", cfg, inputs={"acts": cfg.acts}, overwrite=cfg.overwrite, always_resume=True,
+                  free=ANALYSIS) as run:
+        if run.state == "complete" and saved is not None and _same(out, cfg):
+            run.say_complete()
+            return read_json(out / "scale.json", what="scaling result")
+        save_config(cfg, out)
+        res = _sweep(cfg, out, sorted(set(cfg.depths)))
+        fit = res["fit"]
+        run.complete(headline={k: fit[k] for k in ("E", "A", "alpha", "r2")} if fit else {},
+                     outputs=["scale.json", *[Path(v).name for v in res["plots"].values()]])
+        return res
+
+
+def _same(out: Path, cfg: ScaleConfig) -> bool:
+    """Whether the finished sweep in ``out`` was made with exactly these settings (analysis included)."""
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return not diff(saved or {}, to_dict(cfg), {"out", "progress", "overwrite"}) and (out / "scale.json").is_file()
+
+
+def _sweep(cfg: ScaleConfig, out: Path, depths: list[int]) -> dict[str, Any]:
     runs = []
     for depth in depths:
         run = out / f"d{depth}"
@@ -239,7 +261,6 @@ def scale(cfg: ScaleConfig) -> dict[str, Any]:
         res["downstream"] = _downstream(cfg, env_pts, notes)
         res["plots"]["downstream"] = str(plot_downstream(res["downstream"], out / "downstream.png"))
     write_json(out / "scale.json", res)
-    save_config(cfg, out)
     if fit:
         print(f"L(C) = {fit['E']:.4g} + {fit['A']:.4g} * C^-{fit['alpha']:.4g}   (R^2 = {fit['r2']:.4f}, "
               f"{fit['n_points']} envelope points)")
@@ -251,11 +272,6 @@ def scale(cfg: ScaleConfig) -> dict[str, Any]:
 
 def _downstream(cfg: ScaleConfig, env_pts: list[dict[str, Any]], notes: list[str]) -> list[dict[str, Any]]:
     """c2st_auc_glp (and delta_lm_glp with a model) of every envelope checkpoint."""
-    from innards.data.store import ActivationStore
-    from innards.glp.c2st import c2st_auc
-    from innards.glp.model import GLP
-    from innards.runtime import default_device
-
     store = ActivationStore(cfg.acts)
     device = default_device(cfg.device)
     try:
@@ -269,9 +285,6 @@ def _downstream(cfg: ScaleConfig, env_pts: list[dict[str, Any]], notes: list[str
     site = first.meta["site"]
     x_val = store.rows(idx, site=site).float()
     if cfg.model:
-        from innards.glp.delta_lm import sequences_from_rows
-        from innards.models.load import load_model
-
         model = load_model(cfg.model, device=str(device) if cfg.device else None)
         first.check_compatible(model, site, store.width(site))
         tok = model.tokenizer
@@ -286,8 +299,6 @@ def _downstream(cfg: ScaleConfig, env_pts: list[dict[str, Any]], notes: list[str
         rec = {"depth": p["depth"], "step": p["step"], "loss": p["loss"], "compute": p["compute"],
                "c2st_auc_glp": c2st_auc(x_val, s, seed=cfg.seed), "delta_lm_glp": None}
         if model is not None and seqs:
-            from innards.glp.delta_lm import delta_lm_loss
-
             tok = model.tokenizer
             pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
             fn = lambda x, g=glp: g.project(x.float(), t_start=0.5, steps=20, seed=cfg.seed, site=site)  # noqa: E731
@@ -298,30 +309,8 @@ def _downstream(cfg: ScaleConfig, env_pts: list[dict[str, Any]], notes: list[str
     return out
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_fig(fig: Any, path: Path) -> Path:
-    import io
-
-    from innards.io import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    _plt().close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
 def plot_scaling(res: dict[str, Any], path: Path) -> Path:
     """Log-log validation loss vs compute for every checkpoint, the envelope and the fitted law."""
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     cmap = plt.get_cmap("viridis")
     runs = res["runs"]
@@ -345,8 +334,6 @@ def plot_scaling(res: dict[str, Any], path: Path) -> Path:
                 label=f"{fit['E']:.3g} + {fit['A']:.3g} C^-{fit['alpha']:.3g} (R²={fit['r2']:.3f})")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    from matplotlib.ticker import LogFormatter
-
     ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
     ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     ax.set_xlabel("compute C = 6 N D (FLOPs)")
@@ -354,12 +341,11 @@ def plot_scaling(res: dict[str, Any], path: Path) -> Path:
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.25)
     fig.tight_layout()
-    return _save_fig(fig, path)
+    return save_png(path, fig)
 
 
 def plot_downstream(points: list[dict[str, Any]], path: Path) -> Path:
     """c2st_auc_glp and delta_lm_glp against validation loss for the envelope checkpoints."""
-    plt = _plt()
     keys = [("c2st_auc_glp", "C2ST AUC (0.5 = indistinguishable)"), ("delta_lm_glp", "delta LM loss (GLP projection)")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, (k, label) in zip(axes, keys):
@@ -375,4 +361,4 @@ def plot_downstream(points: list[dict[str, Any]], path: Path) -> Path:
         ax.grid(True, alpha=0.25)
     fig.suptitle("envelope checkpoints")
     fig.tight_layout()
-    return _save_fig(fig, path)
+    return save_png(path, fig)
