@@ -1,55 +1,70 @@
 """Harvest activations into an activation store: streaming, resumable, torchrun-parallel.
 
-The stream is fully determined by the settings: documents in source order, rank r of W taking the
-documents whose stream index is r mod W, each cut into chunks, chunks grouped into batches of
-``batch_size``, and the kept (non-special) tokens of each batch cut into shards of exactly
-``shard_tokens`` rows. A shard is committed by writing its files (temporary name + rename, SHA-256
-recorded) and then a small JSON record; on restart each rank counts its committed rows, replays the
-stream without the model up to the batch that contains the next row, recomputes that batch and
-drops the rows it already has. Each shard keeps its own float64 moments, merged in shard order at
-the end, so a resumed store is byte-identical to an uninterrupted one. Rank 0 writes
-``manifest.json`` last, after every rank has finished.
+The stream is fully determined by the settings: documents in the text's order (a seeded shuffle
+over the whole input by default, ``--order sequential`` for the files in path order), rank r of W
+taking the documents whose stream index is r mod W, each cut into chunks, chunks grouped into
+batches of ``batch_size``, and the kept (non-special) tokens of each batch cut into shards of
+exactly ``shard_tokens`` rows (:mod:`innards.data.shards`). On restart each rank counts its
+committed rows, replays the stream without the model up to the batch that contains the next row,
+recomputes that batch and drops the rows it already has. Each shard keeps its own float64 moments,
+merged in shard order at the end, so a resumed store is byte-identical to an uninterrupted one.
+Rank 0 writes ``manifest.json`` last, after every rank has finished.
+
+The output folder is an :class:`innards.run.Run` of kind "store": rerunning the same command
+resumes or says it is complete, ``--overwrite`` replaces the store, another kind of artifact is
+refused, and a lock keeps a second harvest out while one writes. Which settings may differ on a
+rerun is decided by the store's plan (``harvest.json``), which compares what the settings resolve
+to: the model by its weights, the text by its content, the context as used.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
-from collections import OrderedDict
+import warnings
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from innards.config import save_config
+from innards import __version__
+from innards.config import at_least, require, within
+from innards.data.shards import SHARDS, ShardWriter, committed
 from innards.data.stats import Moments, merge_all
-from innards.data.store import (BF16_NOTE, FORMAT, FORMAT_VERSION, INDEX_DTYPE, STORAGE, encode, site_file)
-from innards.data.text import Batch, Document, GenerateSource, TextSource, framing, iter_batches, iter_chunks, open_text
+from innards.data.store import BF16_NOTE, FORMAT, FORMAT_VERSION, INDEX_DTYPE, STORAGE, read_manifest
+from innards.data.text import ORDERS, SPLITS, Batch, GenerateSource, framing, iter_batches, iter_chunks, open_text
 from innards.errors import InnardsError
 from innards.io import atomic_write_bytes, load_tensors, read_json, save_tensors, write_json
+from innards.models.config import ModelConfig
+from innards.models.hooks import run_with_cache
+from innards.models.load import load_model
+from innards.models.sites import INDEX_CONVENTION, Site, expand_sites, site_metadata
+from innards.provenance import git_revision
+from innards.run import Run
 from innards.runtime import Dist, init_dist
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from innards.data.text import TextSource
+
 PLAN = "harvest.json"
-STORE_FILES = ("manifest.json", PLAN, "docs.json", "stats.safetensors", "config.yaml")
-STORE_DIRS = ("shards", "generated")
+StoreDtype = Literal["bf16", "fp16", "fp32"]
 
 
 @dataclass
 class HarvestConfig:
-    """What to harvest, from which model and text, and how to store it."""
+    """Harvest activations of a model at one or more sites into an activation store."""
 
-    model: str = "demo"
-    """model name, alias (demo), local directory or hub id"""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """the language model (a plain string is taken as its name)"""
     site: list[str] = field(default_factory=list)
     """site to harvest, e.g. blocks.2.resid_post (repeat or comma-separate for several)"""
     text: str = ""
@@ -62,8 +77,10 @@ class HarvestConfig:
     """tokens per sequence, special tokens included (default: the model's, at most 1024)"""
     batch_size: int = 16
     """sequences per forward pass"""
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    """storage dtype of activations"""
+    store_dtype: StoreDtype = "bf16"
+    """storage dtype of the activations (the model itself runs in --model.dtype)"""
+    order: Literal["shuffled", "sequential"] = "shuffled"
+    """document order: a seeded shuffle over the whole input, so a token budget samples all of it, or sequential (files in path order, each from its start)"""
     overwrite: bool = False
     """replace an existing store made with other settings"""
     shard_tokens: int = 65_536
@@ -71,27 +88,37 @@ class HarvestConfig:
     val_fraction: float = 0.05
     """fraction of documents held out as the validation split"""
     seed: int = 0
-    """seed of the validation split and of generate:N sampling"""
+    """seed of the shuffle, the validation split and generate:N sampling"""
     text_field: str = "text"
     """JSON / dataset field or CSV column holding the text"""
     doc_split: Literal["blank", "line", "formfeed", "file"] = "blank"
     """how .txt files split into documents: blank lines, lines, form feeds or whole files"""
-    model_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"
-    """dtype the model runs in"""
-    device: str | None = None
-    """device of the model (default: cuda if available, else cpu)"""
+    dtype: InitVar[StoreDtype | None] = None
+    """old spelling of --store-dtype (kept working; prints a hint)"""
+
+    def __post_init__(self, dtype: StoreDtype | None) -> None:
+        if isinstance(self.model, str):
+            self.model = ModelConfig(name=self.model)
+        if dtype is not None:  # innards 0.2 spelling; the CLI prints the hint (old_dtype_hint)
+            warnings.warn("HarvestConfig(dtype=) is now store_dtype=", DeprecationWarning, stacklevel=3)
+            self.store_dtype = dtype
+        at_least(self, 1, "tokens", "batch_size", "shard_tokens")
+        at_least(self, 2, "context")
+        at_least(self, 0, "seed")
+        within(self, "val_fraction", 0.0, 1.0, open_hi=True)
+        require(self.store_dtype in STORAGE, f"--store-dtype must be one of {', '.join(STORAGE)}, got {self.store_dtype!r}")
+        require(self.order in ORDERS, f"--order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        require(self.doc_split in SPLITS, f"--doc-split must be one of {', '.join(SPLITS)}, got {self.doc_split!r}")
+
+
+def old_dtype_hint(argv: list[str] | None) -> None:
+    """One line on stderr when a command line still spells the storage dtype --dtype (it keeps working)."""
+    if any(a == "--dtype" or a.startswith("--dtype=") for a in (sys.argv[1:] if argv is None else argv)):
+        print("innards: note: --dtype is now --store-dtype (the storage dtype of the activations); "
+              "the model's dtype is --model.dtype", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- small helpers
-
-
-def _git_hash() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def _human(nbytes: float) -> str:
@@ -112,112 +139,112 @@ def quota(tokens: int, rank: int, world: int) -> int:
     return tokens // world + (1 if rank < tokens % world else 0)
 
 
-def shard_name(rank: int, seq: int) -> str:
-    return f"r{rank:03d}-{seq:06d}"
-
-
 def is_val(doc_id: str, seed: int, fraction: float) -> tuple[bool, float]:
     """Deterministic per-document split: a hash of (seed, id) below ``fraction`` means validation."""
     u = int.from_bytes(hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()[:8], "big") / 2**64
     return u < fraction, u
 
 
-def write_npy(path: Path, arr: np.ndarray) -> dict:
-    """Atomically write a .npy file; returns {path name, sha256, bytes} hashed from memory while writing."""
-    arr = np.ascontiguousarray(arr)
-    head = io.BytesIO()
-    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(arr))
-    header = head.getvalue()
-    body = memoryview(arr.reshape(-1).view(np.uint8))
-    h = hashlib.sha256(header)
-    h.update(body)
-    atomic_write_bytes(path, [header, body])
-    return {"sha256": h.hexdigest(), "bytes": len(header) + body.nbytes}
-
-
-# ---------------------------------------------------------------- the run's fixed inputs
-
-
-@dataclass
-class Prepared:
-    """Everything the harvest loop needs, resolved and validated."""
-
-    cfg: HarvestConfig
-    model: Any
-    sites: list[Any]  # innards.models.sites.Site
-    site_meta: list[dict]
-    source: TextSource
-    context: int
-    out: Path
-    dist: Dist
-    plan: dict
-
-    @property
-    def names(self) -> list[str]:
-        return [s.name for s in self.sites]
-
-
-def _context(model: Any, requested: int | None) -> int:
+def _model_context(model: PreTrainedModel, requested: int | None) -> int:
     cfg = model.config
     limit = next((int(v) for k in ("max_position_embeddings", "n_positions", "n_ctx")
                   if isinstance(v := getattr(cfg, k, None), int) and v > 0), 1024)
     if requested is None:
         return min(limit, 1024)
-    if requested < 2:
-        raise InnardsError(f"context must be at least 2 tokens, got {requested}")
     if requested > limit:
         raise InnardsError(f"context {requested} exceeds the model's maximum of {limit} positions")
     return int(requested)
 
 
-def _check_config(cfg: HarvestConfig) -> None:
-    if not cfg.site:
-        raise InnardsError("no site given (--site blocks.L.resid_post; see `innards sites MODEL`)")
-    if not cfg.text:
-        raise InnardsError("no text source given (--text FILE|FOLDER|hf:NAME|generate:N)")
-    if not cfg.out:
-        raise InnardsError("no output folder given (--out DIR)")
-    if cfg.tokens <= 0:
-        raise InnardsError(f"--tokens must be positive, got {cfg.tokens}")
-    if cfg.batch_size <= 0:
-        raise InnardsError(f"--batch-size must be positive, got {cfg.batch_size}")
-    if cfg.shard_tokens <= 0:
-        raise InnardsError(f"--shard-tokens must be positive, got {cfg.shard_tokens}")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise InnardsError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+# ---------------------------------------------------------------- the public face: model, sites and text resolved
 
 
-def prepare(cfg: HarvestConfig, dist: Dist | None = None, model: Any = None) -> Prepared:
-    """Load the model, resolve sites and open the text: every bad-input check that touches no file."""
-    from innards.models.load import load_model
-    from innards.models.sites import INDEX_CONVENTION, expand_sites, site_metadata
+class Harvester:
+    """A model, its sites and a text source resolved for harvesting: the stream's batches and their activations.
 
-    _check_config(cfg)
-    dist = dist or Dist()
-    if model is None:
-        model = load_model(cfg.model, dtype=cfg.model_dtype, device=cfg.device)
-    sites = expand_sites(model, [s for s in cfg.site])
-    seen: set[str] = set()
-    sites = [s for s in sites if not (s.name in seen or seen.add(s.name))]
-    context = _context(model, cfg.context)
-    out = Path(cfg.out).expanduser()
-    source = open_text(cfg.text, text_field=cfg.text_field, split=cfg.doc_split, model=model, seed=cfg.seed,
-                       max_tokens=context, cache_dir=out / "generated")
-    src = dict(getattr(model, "innards_source", {}) or {})
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    plan = {
-        "format": FORMAT,
-        "model": {k: src.get(k) for k in ("name", "revision", "sha256", "arch", "class")},
-        "sites": [s.name for s in sites],
-        "text": {"spec": cfg.text, "fingerprint": source.fingerprint, "text_field": cfg.text_field,
-                 "doc_split": cfg.doc_split},
-        "settings": {"tokens": cfg.tokens, "context": context, "batch_size": cfg.batch_size, "dtype": cfg.dtype,
-                     "shard_tokens": cfg.shard_tokens, "val_fraction": cfg.val_fraction, "seed": cfg.seed,
-                     "model_dtype": cfg.model_dtype, "device": device.type, "world_size": dist.world},
-        "index_convention": INDEX_CONVENTION,
-    }
-    meta = [site_metadata(model, s) for s in sites]
-    return Prepared(cfg, model, sites, meta, source, context, out, dist, plan)
+    Everything a writer of activations needs (the harvest, the GLP stream, the benchmark): every
+    bad-input check that touches no file happens here, before anything is written.
+    """
+
+    def __init__(self, cfg: HarvestConfig, model: PreTrainedModel | None = None, world: int = 1):
+        require(bool(cfg.site), "no site given (--site blocks.L.resid_post; see `innards sites MODEL`)")
+        require(bool(cfg.text), "no text source given (--text FILE|FOLDER|hf:NAME|generate:N)")
+        self.cfg = cfg
+        self.model = model if model is not None else load_model(cfg.model.name, dtype=cfg.model.dtype,
+                                                                device=cfg.model.device, revision=cfg.model.revision)
+        seen: set[str] = set()
+        self.sites: list[Site] = [s for s in expand_sites(self.model, cfg.site) if not (s.name in seen or seen.add(s.name))]
+        self.site_meta = [site_metadata(self.model, s) for s in self.sites]
+        self.context = _model_context(self.model, cfg.context)
+        self.out = Path(cfg.out).expanduser()
+        self.source: TextSource = open_text(cfg.text, text_field=cfg.text_field, split=cfg.doc_split, model=self.model,
+                                            seed=cfg.seed, max_tokens=self.context, cache_dir=self.out / "generated",
+                                            order=cfg.order)
+        self.device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        src = dict(getattr(self.model, "innards_source", {}) or {})
+        self.plan = {
+            "format": FORMAT,
+            "model": {k: src.get(k) for k in ("name", "revision", "sha256", "arch", "class")},
+            "sites": self.names,
+            "text": {"spec": cfg.text, "fingerprint": self.source.fingerprint, "text_field": cfg.text_field,
+                     "doc_split": cfg.doc_split, "order": cfg.order},
+            "settings": {"tokens": cfg.tokens, "context": self.context, "batch_size": cfg.batch_size,
+                         "dtype": cfg.store_dtype, "shard_tokens": cfg.shard_tokens, "val_fraction": cfg.val_fraction,
+                         "seed": cfg.seed, "model_dtype": cfg.model.dtype, "device": self.device.type, "world_size": world},
+            "index_convention": INDEX_CONVENTION,
+        }
+
+    @property
+    def names(self) -> list[str]:
+        """Canonical names of the sites, in storage order."""
+        return [s.name for s in self.sites]
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """Width of each site."""
+        return {s.name: s.width for s in self.sites}
+
+    def batches(self, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        """This rank's batches in stream order: documents whose stream index is ``rank`` mod ``world``."""
+        docs = ((i, d) for i, d in enumerate(self.source) if i % world == rank)
+        tok = self.model.tokenizer
+        return iter_batches(iter_chunks(docs, tok, self.context), self.cfg.batch_size, framing(tok).pad)
+
+    def capture(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Run the model up to the last site; each site's kept rows, (n, d), in row-major order."""
+        acts = run_with_cache(self.model, batch.input_ids.to(self.device), self.sites, stop_early=True,
+                              attention_mask=batch.attention_mask.to(self.device))
+        keep = batch.keep.to(self.device)
+        return {s.name: acts[s.name][keep] for s in self.sites}
+
+    def val_mask(self, batch: Batch) -> np.ndarray:
+        """Per row of ``batch``: does it belong to a validation document (see :func:`is_val`)."""
+        if self.cfg.val_fraction <= 0:
+            return np.zeros(batch.rows, dtype=bool)
+        docs = np.unique(batch.doc)
+        val = np.array([is_val(batch.names.get(int(d)) or str(int(d)), self.cfg.seed, self.cfg.val_fraction)[0]
+                        for d in docs], dtype=bool)
+        return val[np.searchsorted(docs, batch.doc)]
+
+    def estimate_bytes(self, rows: int) -> int:
+        """Disk use of ``rows`` harvested rows (activations and row index)."""
+        return rows * (sum(self.widths.values()) * STORAGE[self.cfg.store_dtype].itemsize + INDEX_DTYPE.itemsize)
+
+    def check_documents(self) -> None:
+        """Fail on an empty or unreadable text source before anything is written."""
+        if isinstance(self.source, GenerateSource):
+            return  # sampled later, into the output folder
+        self.source.quiet = True  # the real pass warns about invalid bytes; the peek would repeat it
+        it = iter(self.source)
+        try:
+            next(it)
+            return
+        except StopIteration:
+            pass
+        finally:
+            it.close()
+            self.source.quiet = False
+        raise InnardsError(f"text source '{self.cfg.text}' has no documents")
 
 
 # ---------------------------------------------------------------- output folder
@@ -225,6 +252,7 @@ def prepare(cfg: HarvestConfig, dist: Dist | None = None, model: Any = None) -> 
 
 def _plan_diff(old: dict, new: dict) -> list[str]:
     """What differs between two plans, ignoring spellings of the same thing (model name vs path, text path)."""
+    old = {**old, "text": {"order": "sequential", **(old.get("text") or {})}}  # stores of innards 0.2 read in file order
     diffs = []
     for key in ("model", "sites", "text", "settings"):
         a, b = old.get(key), new.get(key)
@@ -239,16 +267,16 @@ def _plan_diff(old: dict, new: dict) -> list[str]:
     return diffs
 
 
-def _clear_store(out: Path) -> None:
-    """Delete a store: the manifest first (no longer complete), the plan last (still a store if cut short)."""
-    (out / "manifest.json").unlink(missing_ok=True)
-    for name in STORE_DIRS:
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
-    for name in STORE_FILES:
-        if name != PLAN:
-            (out / name).unlink(missing_ok=True)
-    (out / PLAN).unlink(missing_ok=True)
+def _saved_plan(out: Path) -> dict | None:
+    """The plan of the store in ``out`` (from harvest.json, else the manifest), or None when there is none."""
+    if (out / PLAN).is_file():
+        plan = read_json(out / PLAN, "harvest plan")
+        if not isinstance(plan, dict):
+            raise InnardsError(f"{out / PLAN} is not a harvest plan")
+        return plan
+    if (out / "manifest.json").is_file():
+        return read_manifest(out).get("plan") or {}
+    return None
 
 
 def _existing_parent(path: Path) -> Path:
@@ -262,268 +290,84 @@ def _tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
-def open_output(p: Prepared) -> str:
-    """Check, then create or reuse, the output folder (rank 0); returns "new", "resume" or "complete".
-
-    Every refusal (other settings, not a store, not writable, not enough disk) happens before
-    anything is written or deleted.
-    """
-    out, cfg = p.out, p.cfg
-    if out.exists() and not out.is_dir():
-        raise InnardsError(f"output path exists and is not a folder: {out}")
-    existing = (out / PLAN).is_file() or (out / "manifest.json").is_file()
-    if out.is_dir() and not existing and any(out.iterdir()):
-        raise InnardsError(f"output folder {out} is not empty and holds no activation store; choose another --out")
-    state = "new"
-    if existing:
-        old = read_json(out / PLAN, "harvest plan") if (out / PLAN).is_file() else read_json(out / "manifest.json", "store manifest").get("plan", {})
-        diffs = _plan_diff(old, p.plan)
-        if cfg.overwrite:
-            state = "overwrite"
-        elif diffs:
-            raise InnardsError(f"store {out} was made with other settings ({'; '.join(diffs[:3])}); "
-                               "use --overwrite to replace it")
-        elif (out / "manifest.json").is_file():
-            return "complete"
-        else:
-            state = "resume"
-    base = _existing_parent(out)
-    if not os.access(base, os.W_OK):
-        raise InnardsError(f"output folder is not writable: {base}")
-    have = _committed_rows(out) if state == "resume" else 0
-    est, left = estimate_bytes(p, cfg.tokens), estimate_bytes(p, max(0, cfg.tokens - have))
-    free = shutil.disk_usage(base).free + (_tree_bytes(out) if state == "overwrite" else 0)
-    resume = f"; resuming after {have:,} rows, ~{_human(left)} still to write" if state == "resume" else ""
-    _log(f"{cfg.tokens:,} tokens x {len(p.sites)} site(s) ({', '.join(p.names)}) as {cfg.dtype}: "
-         f"~{_human(est)} on disk ({_human(free)} free){resume}", p.dist)
-    if left > free:
-        raise InnardsError(f"not enough disk space in {base}: need ~{_human(left)}, {_human(free)} free")
-    try:
-        if state == "resume":
-            if not (out / "config.yaml").is_file():  # killed right after the plan was written
-                save_config(cfg, out)
-            (out / "shards").mkdir(exist_ok=True)
-            return state
-        if state == "overwrite":
-            _clear_store(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / PLAN, p.plan)  # first: a folder holding only this is a store to resume
-        (out / "shards").mkdir(exist_ok=True)
-        save_config(cfg, out)
-    except OSError as e:
-        raise InnardsError(f"cannot write to output folder {out}: {e.strerror or e}") from None
-    return "new"
-
-
 def _committed_rows(out: Path) -> int:
     rows = 0
-    for f in (out / "shards").glob("r*-*.json"):
+    for f in (out / SHARDS).glob("r*-*.json"):
         try:
             rows += int(json.loads(f.read_text()).get("rows", 0))
-        except (json.JSONDecodeError, OSError, ValueError):
+        except (json.JSONDecodeError, OSError, ValueError, AttributeError):
             pass
     return rows
 
 
-def estimate_bytes(p: Prepared, rows: int) -> int:
-    """Disk use of ``rows`` harvested rows (activations and row index)."""
-    per_row = sum(s.width for s in p.sites) * STORAGE[p.cfg.dtype].itemsize + INDEX_DTYPE.itemsize
-    return rows * per_row
+def open_output(h: Harvester, dist: Dist) -> Run:
+    """Check, lock and create or reuse the output folder (rank 0); the run's state says new, resume or complete.
 
-
-# ---------------------------------------------------------------- batches and rows
-
-
-def rank_documents(source: TextSource, rank: int, world: int) -> Iterator[tuple[int, Document]]:
-    """(stream index, document) of this rank's share: index mod world == rank."""
-    for i, doc in enumerate(source):
-        if i % world == rank:
-            yield i, doc
-
-
-def batches(p: Prepared, names: dict[int, str] | None = None, rank: int | None = None, world: int | None = None) -> Iterator[Batch]:
-    """This rank's batches in stream order; records document ids into ``names`` as they are read."""
-    rank = p.dist.rank if rank is None else rank
-    world = p.dist.world if world is None else world
-    docs = rank_documents(p.source, rank, world)
-    if names is not None:
-        docs = _recording(docs, names)
-    tok = p.model.tokenizer
-    yield from iter_batches(iter_chunks(docs, tok, p.context), p.cfg.batch_size, framing(tok).pad)
-
-
-def _recording(docs: Iterator[tuple[int, Document]], names: dict[int, str]) -> Iterator[tuple[int, Document]]:
-    for i, d in docs:
-        names[i] = d.id
-        yield i, d
-
-
-def capture_rows(model: Any, sites: list[Any], batch: Batch) -> dict[str, torch.Tensor]:
-    """Run the model up to the last site and return each site's kept rows, (n, d), in row-major order."""
-    from innards.models.hooks import run_with_cache
-
-    device = next((q.device for q in model.parameters()), torch.device("cpu"))
-    acts = run_with_cache(model, batch.input_ids.to(device), sites, stop_early=True,
-                          attention_mask=batch.attention_mask.to(device))
-    keep = batch.keep.to(device)
-    return {s.name: acts[s.name][keep] for s in sites}
-
-
-# ---------------------------------------------------------------- shards
-
-
-def prune(names: OrderedDict[int, str], below: int) -> None:
-    """Forget ids of documents before ``below`` (names is filled in stream order, so from the front)."""
-    while names:
-        first = next(iter(names))
-        if first >= below:
-            break
-        names.popitem(last=False)
-
-
-class ShardWriter:
-    """Fills shards of exactly ``shard_tokens`` rows and commits them on a background thread."""
-
-    def __init__(self, out: Path, rank: int, sites: dict[str, int], dtype: str, shard_tokens: int,
-                 start_seq: int = 0, names: dict[int, str] | None = None):
-        self.out, self.rank, self.sites, self.dtype, self.k = out, rank, sites, dtype, shard_tokens
-        self.seq = start_seq
-        self.names = names if names is not None else OrderedDict()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="innards-shards")
-        self._pending: Future | None = None
-        self.records: list[dict] = []
-        self._new_buffers()
-
-    def _new_buffers(self) -> None:
-        self.fill = 0
-        self.buf = {s: np.empty((self.k, d), dtype=STORAGE[self.dtype]) for s, d in self.sites.items()}
-        self.index = np.empty(self.k, dtype=INDEX_DTYPE)
-        self.moments = {s: Moments.empty(d) for s, d in self.sites.items()}
-
-    def add(self, rows: dict[str, torch.Tensor], doc: np.ndarray, pos: np.ndarray, tok: np.ndarray) -> None:
-        """Append rows (same count for every site) with their provenance; full shards are committed."""
-        n = len(doc)
-        enc = {s: encode(rows[s], self.dtype) for s in self.sites}
-        at = 0
-        while at < n:
-            m = min(self.k - self.fill, n - at)
-            sl, dst = slice(at, at + m), slice(self.fill, self.fill + m)
-            for s in self.sites:
-                self.buf[s][dst] = enc[s][sl]
-                # moments of each (batch, shard) piece: the same pieces whether resumed or not
-                self.moments[s] = self.moments[s].merge(Moments.of(rows[s][sl]))
-            self.index["doc"][dst], self.index["pos"][dst], self.index["tok"][dst] = doc[sl], pos[sl], tok[sl]
-            self.fill += m
-            at += m
-            if self.fill == self.k:
-                self.flush()
-
-    def flush(self) -> None:
-        """Commit the current (possibly partial) shard in the background."""
-        if self.fill == 0:
-            return
-        n = self.fill
-        bufs = {s: b[:n] for s, b in self.buf.items()}
-        index = self.index[:n]
-        docs = [[int(i), self.names.get(int(i))] for i in np.unique(index["doc"])]
-        job = (shard_name(self.rank, self.seq), bufs, index, dict(self.moments), docs)
-        self.wait()  # at most one shard in flight: memory stays at two shard buffers
-        self._pending = self._pool.submit(self._commit, *job)
-        self.seq += 1
-        if docs:  # ids of documents before the last one in this shard are no longer needed
-            prune(self.names, docs[-1][0])
-        self._new_buffers()
-
-    def _commit(self, name: str, bufs: dict[str, np.ndarray], index: np.ndarray, moments: dict[str, Moments],
-                docs: list) -> None:
-        shards = self.out / "shards"
-        files = {}
-        for s, b in bufs.items():
-            info = write_npy(shards / site_file(name, s), b)
-            files[s] = {"path": f"shards/{site_file(name, s)}", **info}
-        info = write_npy(shards / f"{name}.index.npy", index)
-        files["index"] = {"path": f"shards/{name}.index.npy", **info}
-        tensors = {}
-        for s, m in moments.items():
-            tensors.update(m.to_tensors(f"{s}."))
-        msha = save_tensors(shards / f"{name}.moments.safetensors", tensors)
-        record = {"name": name, "rank": self.rank, "rows": len(index), "files": files,
-                  "moments": {"path": f"shards/{name}.moments.safetensors", "sha256": msha}, "docs": docs}
-        write_json(shards / f"{name}.json", record, indent=None)  # the commit point
-        self.records.append(record)
-
-    def wait(self) -> None:
-        """Block until the shard in flight is committed (re-raising its error)."""
-        if self._pending is not None:
-            fut, self._pending = self._pending, None
-            fut.result()
-
-    def close(self) -> None:
-        """Commit the partial shard, wait, and stop the thread."""
-        try:
-            self.flush()
-            self.wait()
-        finally:
-            self._pool.shutdown(wait=True)
-
-
-def committed(out: Path, rank: int) -> list[dict]:
-    """This rank's committed shard records, in order, stopping at the first missing or damaged one."""
-    records = []
-    shards = out / "shards"
-    seq = 0
-    while (shards / f"{shard_name(rank, seq)}.json").is_file():
-        try:
-            rec = json.loads((shards / f"{shard_name(rank, seq)}.json").read_text())
-        except (json.JSONDecodeError, OSError):
-            break
-        ok = all((out / f["path"]).is_file() and (out / f["path"]).stat().st_size == f["bytes"] for f in rec["files"].values())
-        if not ok or not (out / rec["moments"]["path"]).is_file():
-            break
-        records.append(rec)
-        seq += 1
-    # anything after a gap is stale: recomputed identically from the stream
-    for stale in shards.glob(f"{shard_name(rank, 0)[:4]}-*.json"):
-        if int(stale.stem.split("-")[1]) >= seq:
-            stale.unlink()
-    for tmp in shards.glob(f".{shard_name(rank, 0)[:4]}-*.tmp*"):
-        tmp.unlink(missing_ok=True)
-    return records
+    Every refusal (other settings, another artifact, a file in the way, not writable, not enough
+    disk, another harvest writing) happens before anything is written or deleted.
+    """
+    out, cfg = h.out, h.cfg
+    if out.exists() and not out.is_dir():
+        raise InnardsError(f"output path {out} exists and is not a folder")
+    old = _saved_plan(out) if out.is_dir() else None
+    diffs = _plan_diff(old, h.plan) if old is not None else []
+    if diffs and not cfg.overwrite:
+        raise InnardsError(f"store {out} was made with other settings ({'; '.join(diffs[:3])}); "
+                           "use --overwrite to replace it")
+    resuming = old is not None and not cfg.overwrite
+    if not (resuming and (out / "manifest.json").is_file()):
+        base = _existing_parent(out)
+        have = _committed_rows(out) if resuming else 0
+        est, left = h.estimate_bytes(cfg.tokens), h.estimate_bytes(max(0, cfg.tokens - have))
+        free = shutil.disk_usage(base).free + (_tree_bytes(out) if cfg.overwrite else 0)
+        resume = f"; resuming after {have:,} rows, ~{_human(left)} still to write" if resuming else ""
+        _log(f"{cfg.tokens:,} tokens x {len(h.sites)} site(s) ({', '.join(h.names)}) as {cfg.store_dtype}: "
+             f"~{_human(est)} on disk ({_human(free)} free){resume}", dist)
+        if left > free:
+            raise InnardsError(f"not enough disk space in {base}: need ~{_human(left)}, {_human(free)} free")
+    # the plan decides which settings may differ (see module docstring), so none is compared twice
+    run = Run.open(out, "store", cfg, inputs={"model": cfg.model.name, "text": cfg.text}, always_resume=True,
+                   overwrite=cfg.overwrite, free=[f.name for f in fields(HarvestConfig)])
+    try:
+        if run.state != "complete":
+            if not (out / PLAN).is_file():
+                write_json(out / PLAN, h.plan)  # first: a folder holding this is a store to resume
+            (out / SHARDS).mkdir(exist_ok=True)
+    except OSError as e:
+        run.close()
+        raise InnardsError(f"cannot write to output folder {out}: {e.strerror or e}") from None
+    return run
 
 
 # ---------------------------------------------------------------- one rank's work
 
 
-def run_rank(p: Prepared) -> dict:
+def run_rank(h: Harvester, dist: Dist) -> dict:
     """Harvest this rank's quota (resuming after its committed shards); returns its done record."""
-    from tqdm import tqdm
-
-    out, rank, world = p.out, p.dist.rank, p.dist.world
-    done_path = out / "shards" / f"r{rank:03d}.done.json"
+    out, rank, world, cfg = h.out, dist.rank, dist.world, h.cfg
+    done_path = out / SHARDS / f"r{rank:03d}.done.json"
     if done_path.is_file():
         return read_json(done_path, "rank record")
     records = committed(out, rank)
     have = sum(r["rows"] for r in records)
-    want = quota(p.cfg.tokens, rank, world)
-    names: OrderedDict[int, str] = OrderedDict()
-    writer = ShardWriter(out, rank, {s.name: s.width for s in p.sites}, p.cfg.dtype, p.cfg.shard_tokens,
-                         start_seq=len(records), names=names)
+    want = quota(cfg.tokens, rank, world)
+    writer = ShardWriter(out, h.widths, cfg.store_dtype, cfg.shard_tokens, rank=rank, start_seq=len(records))
     seen = 0  # rows of the stream so far, whether stored earlier or now
     bar = tqdm(total=want * world, initial=have * world, unit="tok", unit_scale=True, desc="harvest",
-               disable=not p.dist.main, file=sys.stderr, smoothing=0.1)
+               disable=not dist.main, file=sys.stderr, smoothing=0.1)
     try:
         with torch.inference_mode():
-            for batch in batches(p, names):
+            for batch in h.batches(rank, world):
                 n = batch.rows
                 if seen + n <= have:  # already stored: replay the stream without the model
                     seen += n
-                    prune(names, int(batch.doc[0]) if n else 0)
                     continue
                 if seen >= want:
                     break
-                rows = capture_rows(p.model, p.sites, batch)
+                rows = h.capture(batch)
                 lo, hi = max(0, have - seen), min(n, want - seen)
-                writer.add({k: v[lo:hi] for k, v in rows.items()}, batch.doc[lo:hi], batch.pos[lo:hi], batch.tok[lo:hi])
+                writer.add({k: v[lo:hi] for k, v in rows.items()}, batch.doc[lo:hi], batch.pos[lo:hi], batch.tok[lo:hi],
+                           batch.names)
                 bar.update((hi - lo) * world)
                 seen += n
                 if seen >= want:
@@ -541,16 +385,36 @@ def run_rank(p: Prepared) -> dict:
 # ---------------------------------------------------------------- finishing
 
 
-def finalize(p: Prepared) -> dict:
-    """Merge every rank's shards into one manifest, statistics file and document table (rank 0)."""
-    from innards import __version__
+def _doc_table(shards: list[dict], seed: int, fraction: float) -> tuple[bytes, int, int, int]:
+    """docs.json (dense over stream indices, with the train/val flag by document): its bytes, the number of
+    validation documents, of documents with rows, and of stream indices."""
+    ids: dict[int, str | None] = {}
+    for rec in shards:
+        for i, name in rec["docs"]:
+            ids[int(i)] = name
+    size = max(ids) + 1
+    table: list[str | None] = [None] * size
+    val = [False] * size
+    draws = []
+    for i, name in ids.items():
+        table[i] = name
+        v, u = is_val(name or str(i), seed, fraction)
+        val[i] = v
+        draws.append((u, i))
+    if fraction > 0 and len(ids) >= 2 and not any(val):
+        val[min(draws)[1]] = True  # tiny stores still get a validation document
+    if all(val[i] for i in ids):
+        val[max(draws)[1]] = False  # ... and always a training one
+    return (json.dumps({"ids": table, "val": val}) + "\n").encode(), sum(val), len(ids), size
 
-    out, cfg = p.out, p.cfg
-    world = p.dist.world
+
+def finalize(h: Harvester, world: int) -> dict:
+    """Merge every rank's shards into one manifest, statistics file and document table (rank 0)."""
+    out, cfg = h.out, h.cfg
     shards: list[dict] = []
     ranks = []
     for rank in range(world):
-        done = read_json(out / "shards" / f"r{rank:03d}.done.json", "rank record")
+        done = read_json(out / SHARDS / f"r{rank:03d}.done.json", "rank record")
         recs = committed(out, rank)
         if sum(r["rows"] for r in recs) != done["rows"]:
             raise InnardsError(f"rank {rank}'s shards hold {sum(r['rows'] for r in recs)} rows, its record says {done['rows']}")
@@ -563,7 +427,7 @@ def finalize(p: Prepared) -> dict:
         print(f"innards: warning: the text ran out after {total} of {cfg.tokens} tokens", file=sys.stderr)
 
     # statistics: shard moments merged in shard order (rank 0's shards first)
-    parts = {s.name: [] for s in p.sites}
+    parts: dict[str, list[Moments]] = {s: [] for s in h.names}
     for rec in shards:
         t = load_tensors(out / rec["moments"]["path"], sha256=rec["moments"]["sha256"], what="shard moments")
         for s in parts:
@@ -580,62 +444,44 @@ def finalize(p: Prepared) -> dict:
         summary[s] = {"count": sm["count"], "mean_norm": sm["mean_norm"], "rms_norm": sm["rms_norm"]}
     stats_sha = save_tensors(out / "stats.safetensors", tensors)
 
-    # document table, dense over stream indices, with the train/val split by document
-    ids: dict[int, str | None] = {}
-    for rec in shards:
-        for i, name in rec["docs"]:
-            ids[int(i)] = name
-    size = max(ids) + 1
-    table: list[str | None] = [None] * size
-    val = [False] * size
-    draws = []
-    for i, name in ids.items():
-        table[i] = name
-        v, u = is_val(name or str(i), cfg.seed, cfg.val_fraction)
-        val[i] = v
-        draws.append((u, i))
-    if cfg.val_fraction > 0 and len(ids) >= 2 and not any(val):
-        val[min(draws)[1]] = True  # tiny stores still get a validation document
-    if all(val[i] for i in ids):
-        val[max(draws)[1]] = False  # ... and always a training one
-    docs_bytes = (json.dumps({"ids": table, "val": val}) + "\n").encode()
+    docs_bytes, n_val, n_docs, size = _doc_table(shards, cfg.seed, cfg.val_fraction)
     atomic_write_bytes(out / "docs.json", docs_bytes)
-    n_val = sum(val)
 
     offsets = 0
     listed = []
     for rec in shards:
         listed.append({"name": rec["name"], "rank": rec["rank"], "rows": rec["rows"], "offset": offsets, "files": rec["files"]})
         offsets += rec["rows"]
-    frame = framing(p.model.tokenizer)
+    frame = framing(h.model.tokenizer)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model": {**(getattr(p.model, "innards_source", {}) or {}), "n_layers": getattr(p.model.config, "num_hidden_layers", None)},
-        "sites": p.site_meta,
-        "index_convention": p.plan["index_convention"],
-        "dtype": cfg.dtype,
+        "model": {**(getattr(h.model, "innards_source", {}) or {}), "n_layers": getattr(h.model.config, "num_hidden_layers", None)},
+        "sites": h.site_meta,
+        "index_convention": h.plan["index_convention"],
+        "dtype": cfg.store_dtype,
         "storage": {"layout": "one (rows, width) .npy per shard and site, C order", "bf16": BF16_NOTE,
                     "index": {"dtype": [list(x) for x in INDEX_DTYPE.descr],
                               "doc": "stream index of the document (see docs.json)",
                               "pos": "position of the token within its document's content tokens, from 0",
                               "tok": "token id"}},
-        "context": p.context,
+        "context": h.context,
         "tokens": total,
         "tokens_requested": cfg.tokens,
         "special_tokens": {"prefix": list(frame.prefix), "suffix": list(frame.suffix),
                            "excluded_ids": sorted(frame.special),
                            "note": "BOS (or CLS/SEP) frames every chunk; special tokens are never stored"},
-        "text": {**p.source.describe(), "documents_with_rows": len(ids), "invalid_utf8_bytes": getattr(p.source, "invalid_bytes", 0)},
-        "settings": p.plan["settings"],
+        "text": {**h.source.describe(), "order": cfg.order, "documents_with_rows": n_docs,
+                 "invalid_utf8_bytes": getattr(h.source, "invalid_bytes", 0)},
+        "settings": h.plan["settings"],
         "split": {"by": "document", "method": "sha256(f'{seed}:{doc_id}')[:8] / 2**64 < val_fraction",
-                  "val_fraction": cfg.val_fraction, "seed": cfg.seed, "val_docs": n_val, "train_docs": len(ids) - n_val},
+                  "val_fraction": cfg.val_fraction, "seed": cfg.seed, "val_docs": n_val, "train_docs": n_docs - n_val},
         "docs": {"path": "docs.json", "sha256": hashlib.sha256(docs_bytes).hexdigest(), "count": size},
         "stats": {"path": "stats.safetensors", "sha256": stats_sha, "summary": summary,
                   "note": "float64 Chan merge of per-shard moments in shard order; var is the population variance"},
-        "innards": {"version": __version__, "git": _git_hash()},
+        "innards": {"version": __version__, "git": git_revision()},
         "ranks": ranks,
-        "plan": p.plan,
+        "plan": h.plan,
         "shards": listed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -646,41 +492,42 @@ def finalize(p: Prepared) -> dict:
 # ---------------------------------------------------------------- entry point
 
 
-def harvest(cfg: HarvestConfig, model: Any = None) -> Path:
+def harvest(cfg: HarvestConfig, model: PreTrainedModel | None = None) -> Path:
     """Harvest activations into ``cfg.out`` (resuming a killed run; a no-op for a finished one)."""
+    require(bool(cfg.out), "no output folder given (--out DIR)")
     dist = init_dist()
-    p = prepare(cfg, dist, model=model)
-    if not isinstance(p.source, GenerateSource):
-        _first_document(p)
-    state = open_output(p) if dist.main else None
-    if dist.world > 1:
-        box = [state]
-        torch.distributed.broadcast_object_list(box, src=0)
-        state = box[0]
-    if state == "complete":
-        _log(f"store {p.out} is already complete; nothing to do", dist)
-        return p.out
-    p.source.prepare(dist.rank, dist.world)
-    dist.barrier()
-    run_rank(p)
-    dist.barrier()
+    h = Harvester(cfg, model=model, world=dist.world)
+    h.check_documents()
+    run: Run | None = None
+    failure = None
     if dist.main:
-        m = finalize(p)
-        _log(f"wrote {m['tokens']:,} rows in {len(m['shards'])} shard(s) to {p.out}", p.dist)
-    dist.barrier()
-    return p.out
-
-
-def _first_document(p: Prepared) -> None:
-    """Fail on an empty or unreadable text source before anything is written."""
-    p.source.quiet = True  # the real pass warns about invalid bytes; the peek would repeat it
-    it = iter(p.source)
+        try:
+            run = open_output(h, dist)
+        except InnardsError as e:
+            failure = str(e)
+    state = run.state if run is not None else None
+    if dist.world > 1:  # every rank learns the state, or the refusal, from rank 0
+        box = [(state, failure)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        state, failure = box[0]
+    if failure is not None:
+        raise InnardsError(failure)
     try:
-        next(it)
-        return
-    except StopIteration:
-        pass
+        if state == "complete":
+            _log(f"store {h.out} is already complete; nothing to do", dist)
+            return h.out
+        h.source.prepare(dist.rank, dist.world)
+        dist.barrier()
+        run_rank(h, dist)
+        dist.barrier()
+        if run is not None:
+            m = finalize(h, dist.world)
+            run.complete(headline={"tokens": m["tokens"], "sites": ",".join(h.names), "dtype": cfg.store_dtype,
+                                   "shards": len(m["shards"])},
+                         outputs=["manifest.json", "stats.safetensors", "docs.json"])
+            _log(f"wrote {m['tokens']:,} rows in {len(m['shards'])} shard(s) to {h.out}", dist)
+        dist.barrier()
     finally:
-        it.close()
-        p.source.quiet = False
-    raise InnardsError(f"text source '{p.cfg.text}' has no documents")
+        if run is not None:
+            run.close()
+    return h.out

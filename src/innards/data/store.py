@@ -1,6 +1,6 @@
 """The activation store, read side: ``ActivationStore(DIR)`` and its shuffling, resumable loader.
 
-On disk (written by :mod:`innards.data.harvest`)::
+On disk (written by :mod:`innards.data.harvest` through :class:`innards.data.shards.ShardWriter`)::
 
     DIR/manifest.json                 self-description; written last, so its presence means "complete"
     DIR/docs.json                     doc table: stream index -> document id, and the train/val flag
@@ -12,6 +12,12 @@ Each shard file is listed in the manifest with its byte size and SHA-256; a shar
 first opened (``verify="open"``, the default), so a truncated or corrupted file raises
 :class:`~innards.errors.ChecksumError` instead of returning garbage. bf16 activations are stored
 as their raw uint16 bit patterns (numpy has no bfloat16); :func:`decode` turns them back into floats.
+Every reader goes through :func:`read_manifest`, which checks the manifest's fields before use.
+
+Indexing reads raw float32 rows like a map-style ``torch.utils.data.Dataset``: ``store[i]`` is one
+row, ``store[a:b]``, ``store[[i, j]]``, a numpy/torch index array or a boolean mask of ``len(store)``
+give ``(n, d)`` (``(n, n_sites, d)`` for several sites of one width); negative indices count from
+the end. Rows are numbered in store order (shard by shard, each rank's shards in turn).
 """
 
 from __future__ import annotations
@@ -72,6 +78,59 @@ def _release(arr: np.ndarray) -> None:
             pass
 
 
+def _manifest_error(path: Path, what: str) -> InnardsError:
+    return InnardsError(f"store manifest {path} is damaged: {what} (re-harvest the store, or restore manifest.json)")
+
+
+def _is_file_entry(f: Any) -> bool:
+    return isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("sha256"), str)
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """The manifest of a finished store, checked field by field (one-line InnardsError on anything missing or wrong)."""
+    folder = Path(folder)
+    mpath = folder / "manifest.json"
+    if not mpath.is_file():
+        if (folder / "harvest.json").is_file():
+            raise InnardsError(f"activation store {folder} is incomplete (rerun the same harvest command to finish it)")
+        raise InnardsError(f"no activation store at {folder} (manifest.json missing)")
+    m = read_json(mpath, "store manifest")
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise InnardsError(f"{mpath} is not an innards activation store manifest")
+    version = m.get("format_version", 0)
+    if not isinstance(version, int):
+        raise _manifest_error(mpath, f"format_version is {version!r}")
+    if version > FORMAT_VERSION:
+        raise InnardsError(f"store {folder} has format version {version}; this innards reads up to {FORMAT_VERSION}")
+    if m.get("dtype") not in STORAGE:
+        raise _manifest_error(mpath, f"dtype is {m.get('dtype')!r}, not one of {', '.join(STORAGE)}")
+    sites = m.get("sites")
+    if not isinstance(sites, list) or not sites or not all(
+            isinstance(x, dict) and isinstance(x.get("site"), str) and isinstance(x.get("width"), int) and x["width"] > 0
+            for x in sites):
+        raise _manifest_error(mpath, "'sites' is missing or not a list of {site, width}")
+    names = [x["site"] for x in sites]
+    if len(set(names)) != len(names):
+        raise _manifest_error(mpath, "a site is listed twice")
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        raise _manifest_error(mpath, "'shards' is missing or not a list")
+    for i, sh in enumerate(shards):
+        files = sh.get("files") if isinstance(sh, dict) else None
+        if not (isinstance(files, dict) and isinstance(sh.get("rows"), int) and sh["rows"] >= 0
+                and all(_is_file_entry(files.get(k)) and isinstance(files[k].get("bytes"), int) for k in [*names, "index"])):
+            raise _manifest_error(mpath, f"shard {i} lacks its rows or a file entry (path, bytes, sha256) for each site and the index")
+    if not isinstance(m.get("tokens"), int) or m["tokens"] != sum(sh["rows"] for sh in shards):
+        raise _manifest_error(mpath, f"token count {m.get('tokens')!r} disagrees with the shards' rows ({sum(sh['rows'] for sh in shards)})")
+    for key in ("stats", "docs"):
+        if not _is_file_entry(m.get(key)):
+            raise _manifest_error(mpath, f"'{key}' is missing or lacks path and sha256")
+    split = m.get("split")
+    if not isinstance(split, dict) or not isinstance(split.get("val_fraction"), (int, float)):
+        raise _manifest_error(mpath, "'split' is missing or lacks val_fraction")
+    return m
+
+
 class ActivationStore:
     """A finished activation store: sites, rows, statistics and a loader (see module docstring)."""
 
@@ -80,16 +139,7 @@ class ActivationStore:
         if verify not in VERIFY_MODES:
             raise InnardsError(f"unknown verify mode '{verify}' (choose {', '.join(VERIFY_MODES)})")
         self.verify_mode = verify
-        mpath = self.path / "manifest.json"
-        if not mpath.is_file():
-            if (self.path / "harvest.json").is_file():
-                raise InnardsError(f"activation store {self.path} is incomplete (rerun the same harvest command to finish it)")
-            raise InnardsError(f"no activation store at {self.path} (manifest.json missing)")
-        m = read_json(mpath, "store manifest")
-        if not isinstance(m, dict) or m.get("format") != FORMAT:
-            raise InnardsError(f"{mpath} is not an innards activation store manifest")
-        if int(m.get("format_version", 0)) > FORMAT_VERSION:
-            raise InnardsError(f"store {self.path} has format version {m.get('format_version')}; this innards reads up to {FORMAT_VERSION}")
+        m = read_manifest(self.path)
         self.manifest: dict = m
         self.dtype: str = m["dtype"]
         self._sites = [s["site"] for s in m["sites"]]
@@ -98,8 +148,6 @@ class ActivationStore:
         rows = np.array([int(s["rows"]) for s in self._shards], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
         self._n = int(self._offsets[-1])
-        if self._n != int(m["tokens"]):
-            raise InnardsError(f"store {self.path}: shard rows ({self._n}) disagree with the manifest token count ({m['tokens']})")
         self._maps: dict[tuple[int, str], np.ndarray] = {}
         self._lock = threading.Lock()
         self._index: np.ndarray | None = None
@@ -121,9 +169,10 @@ class ActivationStore:
 
     def width(self, site: str | None = None) -> int:
         """Width (d) of a site (the only site when None)."""
-        return self._widths[self._site(site)]
+        return self._widths[self.site(site)]
 
-    def _site(self, site: str | None) -> str:
+    def site(self, site: str | None = None) -> str:
+        """The stored site's canonical name for a name, its TransformerLens or HF spelling, or None (the only site)."""
         if site is None:
             if len(self._sites) != 1:
                 raise InnardsError(f"store has several sites ({', '.join(self._sites)}); name one")
@@ -148,7 +197,7 @@ class ActivationStore:
                           "count": int(t[f"{s}.count"][0]), "mean_norm": float(t[f"{s}.mean_norm"][0]),
                           "rms_norm": float(t[f"{s}.rms_norm"][0])}
             self._stats = out
-        st = self._stats[self._site(site)]
+        st = self._stats[self.site(site)]
         return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in st.items()}
 
     def _load_index(self) -> np.ndarray:
@@ -263,8 +312,8 @@ class ActivationStore:
         if site is None:
             return list(self._sites)
         if isinstance(site, str):
-            return [self._site(site)]
-        names = [self._site(s) for s in site]
+            return [self.site(site)]
+        names = [self.site(s) for s in site]
         if not names:
             raise InnardsError("no sites given")
         return names
@@ -307,6 +356,29 @@ class ActivationStore:
         names = self._sites_arg(site)
         x = self._gather(idx, names, normalize)
         return x[:, 0] if len(names) == 1 else x
+
+    def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Raw float32 rows by position (see module docstring): ``(d,)`` for an int, ``(n, d)`` otherwise."""
+        if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
+            i = int(index)
+            if not -self._n <= i < self._n:
+                raise IndexError(f"row {i} is out of range for a store of {self._n} rows")
+            return self.rows([i % self._n])[0]
+        if isinstance(index, slice):
+            idx = np.arange(self._n, dtype=np.int64)[index]
+        else:
+            idx = index.cpu().numpy() if isinstance(index, torch.Tensor) else np.asarray(index)
+            if idx.dtype == bool:
+                if idx.shape != (self._n,):
+                    raise IndexError(f"boolean mask of shape {idx.shape} for a store of {self._n} rows")
+                idx = np.flatnonzero(idx)
+            elif idx.size and not np.issubdtype(idx.dtype, np.integer):
+                raise IndexError(f"store rows are indexed by integers, slices or boolean masks, not {idx.dtype}")
+            idx = idx.astype(np.int64).reshape(-1)
+            if idx.size and (idx.min() < -self._n or idx.max() >= self._n):
+                raise IndexError(f"row index out of range for a store of {self._n} rows")
+            idx = np.where(idx < 0, idx + self._n, idx)
+        return self.rows(idx)
 
     def loader(self, batch_size: int, shuffle: bool = True, seed: int = 0, normalize: bool = True,
                sites: str | Sequence[str] | None = None, split: str | None = None, drop_last: bool = False,

@@ -22,6 +22,7 @@ never harvested.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import gzip
 import hashlib
@@ -30,14 +31,24 @@ import json
 import os
 import re
 import sys
+import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
+import datasets
 import numpy as np
+import torch
+import zstandard
+from tqdm import tqdm
+from transformers import GenerationConfig
 
 from innards.errors import InnardsError
+from innards.io import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".csv", ".csv.zst")
 SPLITS = ("blank", "line", "formfeed", "file")
@@ -61,6 +72,7 @@ class Chunk:
     ids: np.ndarray  # int64 (T,), with BOS/CLS/SEP
     keep: np.ndarray  # bool (T,), False at special tokens
     positions: np.ndarray  # int32 (T,), position in the document (meaningful where keep)
+    name: str = ""  # the document's id
 
 
 def _suffix(path: Path) -> str:
@@ -118,20 +130,24 @@ class TextSource:
 
 # ---------------------------------------------------------------- files
 
+ORDERS = ("shuffled", "sequential")
+READ_BYTES = 1 << 16  # raw bytes read at a time
+MAX_SEGMENTS = 512  # a shuffled read cuts the input into at most this many segments (plus one per file) ...
+MIN_SEGMENT = 1 << 12  # ... of at least this many raw bytes
+WAVE = 128  # segments read at once, their documents interleaved at random
 
-def _open_binary(path: Path) -> Any:
+
+def _open_binary(path: Path) -> BinaryIO:
     s = _suffix(path)
     if s.endswith(".gz"):
         return gzip.open(path, "rb")
     if s.endswith(".zst"):
-        import zstandard
-
         # the zstd reader has no readline; buffering gives line iteration
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
     return open(path, "rb")
 
 
-def _file_fingerprint(path: Path, h: Any) -> None:
+def _file_fingerprint(path: Path, h: hashlib._Hash) -> None:
     st = path.stat()
     h.update(f"{st.st_size}\n".encode())
     with open(path, "rb") as f:  # head and tail: catches edits without hashing terabytes
@@ -141,19 +157,106 @@ def _file_fingerprint(path: Path, h: Any) -> None:
             h.update(f.read(1 << 20))
 
 
-def _zstd_error() -> type[Exception]:
-    import zstandard
+@dataclass(frozen=True)
+class _Snapshot:
+    """Where a read can restart: raw (file) and decompressed offsets, and the gzip decoder's state there."""
 
-    return zstandard.ZstdError
+    raw: int
+    out: int
+    state: Any = None  # zlib.Decompress (its type is not importable)
+
+
+@dataclass
+class _Segment:
+    """Consecutive documents of one file, from ``start`` (decompressed offset of the first) on."""
+
+    file: Path
+    snap: _Snapshot | None  # None: the whole file, read from its start by the sequential reader
+    start: int = 0
+    k: int = 0  # number of the first document within its file
+    lineno: int = 0  # lines before it
+    count: int = 0
+
+
+def _chunks(path: Path, snap: _Snapshot, every: int = 0, snaps: list[_Snapshot] | None = None) -> Iterator[bytes]:
+    """Decompressed bytes of a plain or gzip file from a snapshot on; with ``snaps``, record one every ``every`` raw bytes."""
+    gz = _suffix(path).endswith(".gz")
+    z = (snap.state.copy() if snap.state is not None else zlib.decompressobj(31)) if gz else None
+    raw, out, due = snap.raw, snap.out, snap.raw + every
+    size = min(READ_BYTES, every) if snaps is not None else READ_BYTES  # restart points fall between reads
+    with open(path, "rb") as fh:
+        fh.seek(raw)
+        while data := fh.read(size):
+            raw += len(data)
+            if z is None:
+                chunk = data
+            else:
+                chunk = z.decompress(data)
+                while z.eof and z.unused_data:  # a file of several gzip members
+                    rest, z = z.unused_data, zlib.decompressobj(31)
+                    chunk += z.decompress(rest)
+            out += len(chunk)
+            if snaps is not None and raw >= due:
+                snaps.append(_Snapshot(raw, out, z.copy() if z is not None else None))
+                due = raw + every
+            yield chunk
+    if z is not None and not z.eof and raw > 0:
+        raise EOFError("compressed file ended before the end-of-stream marker was reached")
+
+
+def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Lines (with their newline) of a stream of byte chunks; a line longer than a chunk is joined once."""
+    pending: list[bytes] = []
+    for chunk in chunks:
+        at = 0
+        while (nl := chunk.find(b"\n", at)) >= 0:
+            piece = chunk[at : nl + 1]
+            if pending:
+                pending.append(piece)
+                piece = b"".join(pending)
+                pending.clear()
+            yield piece
+            at = nl + 1
+        if at < len(chunk):
+            pending.append(chunk[at:])
+    if pending:
+        yield b"".join(pending)
+
+
+def _skip(chunks: Iterable[bytes], n: int) -> Iterator[bytes]:
+    """The chunks without their first ``n`` bytes."""
+    for chunk in chunks:
+        if n >= len(chunk):
+            n -= len(chunk)
+            continue
+        yield chunk[n:] if n else chunk
+        n = 0
+
+
+# A parsed document with where it starts: (decompressed offset, line number of its first line, number in file, doc)
+_Placed = tuple[int, int, int, Document]
 
 
 class FileSource(TextSource):
-    """Plain text, JSON-lines or CSV files, one file or a folder of them."""
+    """Plain text, JSON-lines or CSV files, one file or a folder of them.
 
-    def __init__(self, spec: str, path: Path, text_field: str = "text", split: str = "blank"):
+    ``order="sequential"`` reads the files in sorted path order, each from start to end.
+    ``order="shuffled"`` first indexes the input (one pass: document counts, and restart points
+    every ~1/512 of it, gzip decoder states included), then reads it as a seeded shuffle: segments
+    of consecutive documents in random order, ``WAVE`` segments at a time with their documents
+    interleaved uniformly at random, so any prefix of the stream samples the whole input. Memory
+    stays bounded (at most ~512 decoder states of ~47 KB and ``WAVE`` open files). Document ids are
+    the same in both orders.
+    """
+
+    def __init__(self, spec: str, path: Path, text_field: str = "text", split: str = "blank",
+                 order: str = "sequential", seed: int = 0):
         if split not in SPLITS:
             raise InnardsError(f"unknown document split '{split}' (choose {', '.join(SPLITS)})")
+        if order not in ORDERS:
+            raise InnardsError(f"unknown document order '{order}' (choose {', '.join(ORDERS)})")
         self.spec, self.root, self.text_field, self.split = spec, path, text_field, split
+        self.order, self.seed = order, seed
         if path.is_dir():
             self.files = sorted((p for p in path.rglob("*") if p.is_file() and _suffix(p) in TEXT_SUFFIXES
                                  and not any(part.startswith(".") for part in p.relative_to(path).parts)),
@@ -165,6 +268,7 @@ class FileSource(TextSource):
                 raise InnardsError(f"unsupported text file {path} (use {', '.join(TEXT_SUFFIXES)})")
             self.files = [path]
         self.invalid_bytes = 0
+        self._segments: list[_Segment] | None = None
 
     def _rel(self, f: Path) -> str:
         return f.relative_to(self.root).as_posix() if self.root.is_dir() else f.name
@@ -177,84 +281,193 @@ class FileSource(TextSource):
             _file_fingerprint(f, h)
         return h.hexdigest()
 
+    def describe(self) -> dict:
+        return {**super().describe(), "order": self.order, "files": len(self.files)}
+
+    # ----- reading
     def __iter__(self) -> Iterator[Document]:
         self.invalid_bytes = 0
+        utf8 = {f: _Utf8() for f in self.files}
+        try:
+            if self.order == "sequential":
+                for f in self.files:
+                    yield from self._guarded(f, self._whole(f, utf8[f]))
+                    self._warn(f, utf8.pop(f))
+            else:
+                yield from self._shuffled(utf8)
+        finally:  # also when the reader stops early (token budget reached)
+            for f, u in utf8.items():
+                self._warn(f, u)
+
+    def _warn(self, f: Path, utf8: _Utf8) -> None:
+        if utf8.invalid:
+            self.invalid_bytes += utf8.invalid
+            if not self.quiet:
+                _warn(f"{f}: replaced {utf8.invalid} invalid UTF-8 byte(s)")
+            utf8.invalid = 0
+
+    @staticmethod
+    def _guarded(f: Path, docs: Iterator[Document]) -> Iterator[Document]:
+        try:
+            yield from docs
+        except (OSError, EOFError, csv.Error, zlib.error, zstandard.ZstdError) as e:
+            # truncated gzip, bad zstd frame, unreadable file: the source is bad input, not a bug
+            raise InnardsError(f"cannot read text file {f}: {getattr(e, 'strerror', None) or e}") from None
+
+    def _segmentable(self, f: Path) -> bool:
+        """Whether documents of ``f`` can be read from a restart point (line-based formats, plain or gzip)."""
+        s = _suffix(f)
+        return s in (".jsonl", ".jsonl.gz") or (s in (".txt", ".txt.gz") and self.split in ("blank", "line"))
+
+    def _parse(self, f: Path, lines: Iterable[bytes], utf8: _Utf8, at: int = 0, lineno: int = 0, k: int = 0
+               ) -> Iterator[_Placed]:
+        """Documents of a line-based file from a document start on, with where each starts."""
+        if _suffix(f).startswith(".jsonl"):
+            return _jsonl(lines, f, self._rel(f), utf8, self.text_field, at, lineno, k)
+        return _txt(lines, self._rel(f), utf8, self.split, at, lineno, k)
+
+    def _whole(self, f: Path, utf8: _Utf8) -> Iterator[Document]:
+        """Every document of one file, in order."""
+        if _suffix(f).startswith(".csv"):
+            yield from _csv(f, self._rel(f), utf8, self.text_field)
+            return
+        with _open_binary(f) as fh:
+            for *_, doc in self._parse(f, fh, utf8):
+                yield doc
+
+    def _index(self) -> list[_Segment]:
+        """One pass over the input: segments of consecutive documents with their restart points."""
+        if self._segments is not None:
+            return self._segments
+        every = max(MIN_SEGMENT, sum(f.stat().st_size for f in self.files) // MAX_SEGMENTS)
+        segments: list[_Segment] = []
         for f in self.files:
-            rel = self._rel(f)
-            utf8 = _Utf8()
+            mine: list[_Segment] = []
+            if not self._segmentable(f):
+                n = sum(1 for _ in self._guarded(f, self._whole(f, _Utf8())))
+                mine = [_Segment(f, None, count=n)] if n else []
+            else:
+                snaps = [_Snapshot(0, 0)]
+                outs = [0]
+                for start, lineno, k, _ in self._guarded(f, self._parse(f, _lines(_chunks(f, snaps[0], every, snaps)), _Utf8())):
+                    while len(outs) < len(snaps):
+                        outs.append(snaps[len(outs)].out)
+                    snap = snaps[bisect.bisect_right(outs, start) - 1]
+                    if mine and mine[-1].snap is snap:
+                        mine[-1].count += 1
+                    else:
+                        mine.append(_Segment(f, snap, start, k, lineno - 1, 1))
+            segments += mine
+        self._segments = segments
+        return segments
+
+    def _read(self, seg: _Segment, utf8: _Utf8) -> Iterator[Document]:
+        if seg.snap is None:
+            docs = self._whole(seg.file, utf8)
+        else:
+            chunks = _skip(_chunks(seg.file, seg.snap), seg.start - seg.snap.out)
+            docs = (doc for *_, doc in self._parse(seg.file, _lines(chunks), utf8, seg.start, seg.lineno, seg.k))
+        n = 0
+        for doc in self._guarded(seg.file, docs):
+            yield doc
+            n += 1
+            if n == seg.count:
+                return
+        raise InnardsError(f"text file {seg.file} changed while it was being read")
+
+    def _shuffled(self, utf8: dict[Path, _Utf8]) -> Iterator[Document]:
+        segments = self._index()
+        rng = np.random.default_rng([self.seed, 0x5EED])
+        order = rng.permutation(len(segments))
+        for w in range(0, len(order), WAVE):
+            wave = [segments[i] for i in order[w : w + WAVE]]
+            left = np.array([s.count for s in wave], dtype=np.int64)
+            readers: list[Iterator[Document] | None] = [None] * len(wave)
             try:
-                s = _suffix(f)
-                if s.startswith(".jsonl"):
-                    docs = self._jsonl(f, rel, utf8)
-                elif s.startswith(".csv"):
-                    docs = self._csv(f, rel, utf8)
-                else:
-                    docs = self._txt(f, rel, utf8)
-                yield from docs
-            except (OSError, EOFError, csv.Error, _zstd_error()) as e:
-                # truncated gzip, bad zstd frame, unreadable file: the source is bad input, not a bug
-                raise InnardsError(f"cannot read text file {f}: {getattr(e, 'strerror', None) or e}") from None
-            finally:  # also when the reader stops early (token budget reached)
-                if utf8.invalid:
-                    self.invalid_bytes += utf8.invalid
-                    if not self.quiet:
-                        _warn(f"{f}: replaced {utf8.invalid} invalid UTF-8 byte(s)")
+                while (total := int(left.sum())) > 0:
+                    # a uniformly random interleaving of the wave's segments, drawn in blocks
+                    take = rng.multivariate_hypergeometric(left, min(total, 4096))
+                    left -= take
+                    for j in rng.permutation(np.repeat(np.arange(len(wave)), take)):
+                        if readers[j] is None:
+                            readers[j] = self._read(wave[j], utf8[wave[j].file])
+                        yield next(readers[j])
+            finally:
+                for r in readers:
+                    if r is not None:
+                        r.close()
 
-    def _txt(self, f: Path, rel: str, utf8: _Utf8) -> Iterator[Document]:
-        k = 0
-        buf: list[bytes] = []
 
-        def flush() -> Iterator[Document]:
-            nonlocal k
-            text = utf8.decode(b"".join(buf)).strip()
-            buf.clear()
-            if text:
-                yield Document(f"{rel}:{k}", text)
-                k += 1
+def _txt(lines: Iterable[bytes], rel: str, utf8: _Utf8, split: str, at: int = 0, lineno: int = 0, k: int = 0
+         ) -> Iterator[_Placed]:
+    """Documents of a text file: runs of lines split on blank lines, lines, form feeds or the whole file."""
+    buf: list[bytes] = []
+    start = first = -1
 
-        with _open_binary(f) as fh:
-            for line in fh:
-                if self.split == "line":
-                    buf.append(line)
-                    yield from flush()
-                elif self.split == "blank" and not line.strip():
-                    yield from flush()
-                elif self.split == "formfeed" and b"\f" in line:
-                    before, _, after = line.partition(b"\f")
-                    buf.append(before)
-                    yield from flush()
-                    buf.append(after)
-                else:
-                    buf.append(line)
-        yield from flush()
+    def flush() -> Iterator[_Placed]:
+        nonlocal k, start
+        text = utf8.decode(b"".join(buf)).strip()
+        buf.clear()
+        if text:
+            yield start, first, k, Document(f"{rel}:{k}", text)
+            k += 1
+        start = -1
 
-    def _jsonl(self, f: Path, rel: str, utf8: _Utf8) -> Iterator[Document]:
-        with _open_binary(f) as fh:
-            k = 0
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(utf8.decode(line))
-                except json.JSONDecodeError:
-                    raise InnardsError(f"{f}:{lineno}: not valid JSON") from None
-                doc = _record_doc(rec, f"{rel}:{k}", self.text_field, f"{f}:{lineno}")
-                k += 1
-                if doc is not None:
-                    yield doc
+    for line in lines:
+        lineno += 1
+        if split == "line":
+            start, first = at, lineno
+            buf.append(line)
+            yield from flush()
+        elif split == "blank" and not line.strip():
+            yield from flush()
+        elif split == "formfeed" and b"\f" in line:
+            before, _, after = line.partition(b"\f")
+            if start < 0:
+                start, first = at, lineno
+            buf.append(before)
+            yield from flush()
+            start, first = at + len(before) + 1, lineno
+            buf.append(after)
+        else:
+            if start < 0:
+                start, first = at, lineno
+            buf.append(line)
+        at += len(line)
+    yield from flush()
 
-    def _csv(self, f: Path, rel: str, utf8: _Utf8) -> Iterator[Document]:
-        csv.field_size_limit(1 << 30)
-        with _open_binary(f) as fb:
-            reader = csv.DictReader(utf8.decode(line) for line in fb)
-            cols = reader.fieldnames or []
-            col = self.text_field if self.text_field in cols else "prompt" if "prompt" in cols else None
-            if col is None:
-                raise InnardsError(f"{f}: no '{self.text_field}' or 'prompt' column (columns: {', '.join(cols) or 'none'})")
-            for k, row in enumerate(reader):
-                value = (row.get(col) or "").strip()
-                if value:
-                    yield Document(f"{rel}:{k}", value)
+
+def _jsonl(lines: Iterable[bytes], f: Path, rel: str, utf8: _Utf8, text_field: str, at: int = 0, lineno: int = 0,
+           k: int = 0) -> Iterator[_Placed]:
+    """One document per JSON record (blank lines skipped; records without text are numbered but not yielded)."""
+    for line in lines:
+        lineno += 1
+        start, at = at, at + len(line)
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(utf8.decode(line))
+        except json.JSONDecodeError:
+            raise InnardsError(f"{f}:{lineno}: not valid JSON") from None
+        doc = _record_doc(rec, f"{rel}:{k}", text_field, f"{f}:{lineno}")
+        k += 1
+        if doc is not None:
+            yield start, lineno, k - 1, doc
+
+
+def _csv(f: Path, rel: str, utf8: _Utf8, text_field: str) -> Iterator[Document]:
+    """One document per CSV row, from the text column (else ``prompt``)."""
+    csv.field_size_limit(1 << 30)
+    with _open_binary(f) as fb:
+        reader = csv.DictReader(utf8.decode(line) for line in fb)
+        cols = reader.fieldnames or []
+        col = text_field if text_field in cols else "prompt" if "prompt" in cols else None
+        if col is None:
+            raise InnardsError(f"{f}: no '{text_field}' or 'prompt' column (columns: {', '.join(cols) or 'none'})")
+        for k, row in enumerate(reader):
+            value = (row.get(col) or "").strip()
+            if value:
+                yield Document(f"{rel}:{k}", value)
 
 
 def _record_doc(rec: Any, doc_id: str, text_field: str, where: str) -> Document | None:
@@ -287,15 +500,22 @@ def _has_table_files(p: Path) -> bool:
 
 
 class HFSource(TextSource):
-    """A Hugging Face dataset, streamed (hub id or local folder)."""
+    """A Hugging Face dataset (hub id, streamed, or local folder).
 
-    def __init__(self, spec: str, name: str, split: str | None, config: str | None = None, text_field: str = "text"):
+    ``order="shuffled"``: a dataset on disk is read in a seeded permutation of its rows (ids keep the
+    row numbers); a streamed one through the datasets library's seeded shuffle (shard order and a
+    10,000-row buffer; ids number the rows in that order).
+    """
+
+    def __init__(self, spec: str, name: str, split: str | None, config: str | None = None, text_field: str = "text",
+                 order: str = "sequential", seed: int = 0):
+        if order not in ORDERS:
+            raise InnardsError(f"unknown document order '{order}' (choose {', '.join(ORDERS)})")
         self.spec, self.name, self.split, self.config, self.text_field = spec, name, split, config, text_field
+        self.order, self.seed = order, seed
         self._local = Path(name).expanduser()
 
-    def _dataset(self) -> Any:
-        import datasets
-
+    def _dataset(self) -> datasets.Dataset | datasets.IterableDataset:
         datasets.disable_progress_bars()
         try:
             if _is_saved_dataset(self._local):
@@ -327,11 +547,22 @@ class HFSource(TextSource):
                     _file_fingerprint(f, h)
         return h.hexdigest()
 
-    def __iter__(self) -> Iterator[Document]:
+    def describe(self) -> dict:
+        return {**super().describe(), "order": self.order}
+
+    def _rows(self) -> Iterator[tuple[int, Any]]:
         ds = self._dataset()
+        if self.order == "sequential":
+            return enumerate(ds)
+        if isinstance(ds, datasets.Dataset):
+            perm = np.random.default_rng([self.seed, 0x5EED]).permutation(len(ds))
+            return zip(perm.tolist(), ds.select(perm))
+        return enumerate(ds.shuffle(seed=self.seed, buffer_size=10_000))
+
+    def __iter__(self) -> Iterator[Document]:
         tag = f"hf:{self.name}:{self.split or 'train'}"
         try:
-            for k, rec in enumerate(ds):
+            for k, rec in self._rows():
                 doc = _record_doc(rec, f"{tag}:{k}", self.text_field, f"{tag} row {k}")
                 if doc is not None:
                     yield doc
@@ -371,9 +602,6 @@ class GenerateSource(TextSource):
         return None if self.cache_dir is None else Path(self.cache_dir) / f"block-{b:06d}.jsonl"
 
     def _generate_block(self, b: int) -> list[str]:
-        import torch
-        from transformers import GenerationConfig
-
         tok = self.model.tokenizer
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         if start is None:
@@ -397,10 +625,6 @@ class GenerateSource(TextSource):
 
     def prepare(self, rank: int = 0, world: int = 1) -> None:
         """Sample the blocks of this rank (block b goes to rank b % world) unless cached."""
-        from tqdm import tqdm
-
-        from innards.io import atomic_write_bytes
-
         todo = [b for b in range(self._blocks()) if b % world == rank
                 and not (self._path(b) is not None and self._path(b).is_file())]
         if not todo:
@@ -459,9 +683,17 @@ class RandomSource(TextSource):
 # ---------------------------------------------------------------- entry points
 
 
-def open_text(spec: str, *, text_field: str = "text", split: str = "blank", model: Any = None,
-              seed: int = 0, max_tokens: int = 256, cache_dir: str | Path | None = None) -> TextSource:
-    """Parse a text source spec (see module docstring) into a :class:`TextSource`."""
+def open_text(spec: str, *, text_field: str = "text", split: str = "blank", model: PreTrainedModel | None = None,
+              seed: int = 0, max_tokens: int = 256, cache_dir: str | Path | None = None,
+              order: str = "sequential") -> TextSource:
+    """Parse a text source spec (see module docstring) into a :class:`TextSource`.
+
+    ``order``: "sequential" (files in path order, datasets in row order) or "shuffled" (a seeded
+    shuffle of documents across the whole input; see :class:`FileSource`). Samples of ``generate:``
+    and ``random:`` are independent draws, so their order does not matter and is kept.
+    """
+    if order not in ORDERS:
+        raise InnardsError(f"unknown document order '{order}' (choose {', '.join(ORDERS)})")
     spec = str(spec).strip()
     if not spec:
         raise InnardsError("no text source given (--text)")
@@ -486,22 +718,23 @@ def open_text(spec: str, *, text_field: str = "text", split: str = "blank", mode
         parts = spec[3:].split(":")
         if not parts[0]:
             raise InnardsError(f"bad text spec '{spec}' (use hf:NAME[:SPLIT] or hf:NAME:CONFIG:SPLIT)")
+        kw = {"text_field": text_field, "order": order, "seed": seed}
         if len(parts) == 1:
-            return HFSource(spec, parts[0], None, text_field=text_field)
+            return HFSource(spec, parts[0], None, **kw)
         if len(parts) == 2:
-            return HFSource(spec, parts[0], parts[1], text_field=text_field)
+            return HFSource(spec, parts[0], parts[1], **kw)
         if len(parts) == 3:
-            return HFSource(spec, parts[0], parts[2], config=parts[1], text_field=text_field)
+            return HFSource(spec, parts[0], parts[2], config=parts[1], **kw)
         raise InnardsError(f"bad text spec '{spec}' (use hf:NAME[:SPLIT] or hf:NAME:CONFIG:SPLIT)")
     path = Path(spec).expanduser()
     if not path.exists():
         raise InnardsError(f"text source not found: {spec}")
     if _is_saved_dataset(path) or (path.is_dir() and _has_table_files(path)
                                    and not any(_suffix(p) in TEXT_SUFFIXES for p in path.rglob("*") if p.is_file())):
-        return HFSource(spec, str(path), None, text_field=text_field)
+        return HFSource(spec, str(path), None, text_field=text_field, order=order, seed=seed)
     if not os.access(path, os.R_OK):
         raise InnardsError(f"text source is not readable: {spec}")
-    return FileSource(spec, path.resolve(), text_field=text_field, split=split)
+    return FileSource(spec, path.resolve(), text_field=text_field, split=split, order=order, seed=seed)
 
 
 def iter_documents(spec: str | TextSource, **kwargs: Any) -> Iterator[Document]:
@@ -532,7 +765,7 @@ class Framing:
         return len(self.prefix) + len(self.suffix)
 
 
-def framing(tokenizer: Any) -> Framing:
+def framing(tokenizer: PreTrainedTokenizerBase) -> Framing:
     """BOS before each chunk when the tokenizer has one, else CLS ... SEP (encoders), else nothing."""
     bos, cls, sep = tokenizer.bos_token_id, getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
     if bos is not None:
@@ -548,63 +781,137 @@ def framing(tokenizer: Any) -> Framing:
     return Framing(prefix, suffix, special, int(pad))
 
 
-def tokenize_documents(docs: Iterable[tuple[int, Document]], tokenizer: Any, batch: int = 64) -> Iterator[tuple[int, np.ndarray]]:
-    """(stream index, document) -> (stream index, int64 content token ids), tokenised in batches."""
-    pending: list[tuple[int, Document]] = []
+WINDOW = 1 << 16  # characters tokenised at once: longer documents go in overlapping windows (memory flat in size)
+BATCH_CHARS = 1 << 18  # characters of short documents tokenised in one call
 
-    def flush() -> Iterator[tuple[int, np.ndarray]]:
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    # verbose=False: documents longer than the model's context are expected; they are chunked below
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _window(tokenizer: PreTrainedTokenizerBase, text: str, at: int) -> tuple[np.ndarray, np.ndarray]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    starts = np.fromiter((a for a, _ in enc["offset_mapping"]), dtype=np.int64, count=len(enc["input_ids"])) + at
+    return np.asarray(enc["input_ids"], dtype=np.int64), starts
+
+
+def text_tokens(text: str, tokenizer: PreTrainedTokenizerBase, window: int = WINDOW) -> Iterator[np.ndarray]:
+    """Content token ids of a text, in pieces of about ``window`` characters, equal to tokenising it whole.
+
+    Windows overlap by 3/64 of their length; the cut between two is a token that both
+    tokenise identically, with the same tokens around it, so each piece is what the whole text gives
+    there (tokenisers are local: a token depends on a few words around it). When no such cut exists
+    (one pre-token longer than the overlap, or a tokenizer without offsets) the text is tokenised whole.
+    """
+    if len(text) <= window or not getattr(tokenizer, "is_fast", False):
+        yield np.asarray(_encode(tokenizer, [text])[0], dtype=np.int64)
+        return
+    margin = max(1, window // 64)
+    ids, starts = _window(tokenizer, text[:window], 0)
+    done = 0  # tokens starting before this character have been yielded
+    lo = 0
+    while lo + window < len(text):
+        lo = lo + window - 3 * margin  # the next window starts inside this one
+        nids, nstarts = _window(tokenizer, text[lo : lo + window], lo)
+        # both windows are trusted in [lo + margin, lo + 2 * margin): a margin away from either's edge
+        a = (starts >= lo + margin) & (starts < lo + 2 * margin)
+        b = (nstarts >= lo + margin) & (nstarts < lo + 2 * margin)
+        if not a.any() or not (np.array_equal(ids[a], nids[b]) and np.array_equal(starts[a], nstarts[b])):
+            ids, starts = _window(tokenizer, text, 0)  # no safe cut: the rest as the whole text gives it
+            break
+        cut = int(starts[a][0])
+        yield ids[(starts >= done) & (starts < cut)]
+        done, ids, starts = cut, nids, nstarts
+    yield ids[starts >= done]
+
+
+def tokenize_documents(docs: Iterable[tuple[int, Document]], tokenizer: PreTrainedTokenizerBase, batch: int = 64
+                       ) -> Iterator[tuple[int, Document, Iterator[np.ndarray]]]:
+    """(stream index, document) -> (stream index, document, its content token ids in pieces).
+
+    Short documents are tokenised together (up to ``batch`` of them, ``BATCH_CHARS`` characters);
+    a document longer than ``WINDOW`` characters on its own, in windows (:func:`text_tokens`).
+    """
+    pending: list[tuple[int, Document]] = []
+    chars = 0
+
+    def flush() -> Iterator[tuple[int, Document, Iterator[np.ndarray]]]:
+        nonlocal chars
         texts = [d.text for _, d in pending if d.tokens is None]
-        # verbose=False: documents longer than the model's context are expected; they are chunked below
-        enc = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
-        it = iter(enc)
+        it = iter(_encode(tokenizer, texts) if texts else [])
         for i, d in pending:
             ids = d.tokens if d.tokens is not None else next(it)
-            yield i, np.asarray(ids, dtype=np.int64)
+            yield i, d, iter([np.asarray(ids, dtype=np.int64)])
         pending.clear()
+        chars = 0
 
-    for item in docs:
-        pending.append(item)
-        if len(pending) >= batch:
+    for i, d in docs:
+        if d.tokens is None and len(d.text) > WINDOW:
             yield from flush()
-    if pending:
-        yield from flush()
+            yield i, d, text_tokens(d.text, tokenizer)
+            continue
+        pending.append((i, d))
+        chars += len(d.text) if d.tokens is None else 0
+        if len(pending) >= batch or chars >= BATCH_CHARS:
+            yield from flush()
+    yield from flush()
 
 
-def chunk_tokens(index: int, ids: np.ndarray, context: int, frame: Framing) -> Iterator[Chunk]:
-    """Cut one document's content tokens into chunks of at most ``context`` tokens, framed."""
+def chunk_pieces(index: int, pieces: Iterable[np.ndarray], context: int, frame: Framing, name: str = "") -> Iterator[Chunk]:
+    """Cut one document's content tokens (arriving in pieces) into chunks of at most ``context`` tokens, framed."""
     room = context - frame.content
     if room <= 0:
         raise InnardsError(f"context {context} leaves no room for tokens")
     special = np.fromiter(frame.special, dtype=np.int64) if frame.special else np.zeros(0, np.int64)
     pre, suf = np.asarray(frame.prefix, np.int64), np.asarray(frame.suffix, np.int64)
-    for start in range(0, len(ids), room):
-        body = ids[start : start + room]
+    start = 0
+    buf = np.zeros(0, np.int64)
+
+    def chunk(body: np.ndarray) -> Chunk | None:
         full = np.concatenate([pre, body, suf])
         keep = np.zeros(len(full), dtype=bool)
         keep[len(pre) : len(pre) + len(body)] = ~np.isin(body, special)
         pos = np.zeros(len(full), dtype=np.int32)
         pos[len(pre) : len(pre) + len(body)] = np.arange(start, start + len(body), dtype=np.int32)
-        if keep.any():
-            yield Chunk(index, start, full, keep, pos)
+        return Chunk(index, start, full, keep, pos, name) if keep.any() else None
+
+    for piece in pieces:
+        buf = np.concatenate([buf, piece]) if len(buf) else piece
+        at = 0
+        while len(buf) - at >= room:
+            if (c := chunk(buf[at : at + room])) is not None:
+                yield c
+            at += room
+            start += room
+        buf = buf[at:]
+    if len(buf) and (c := chunk(buf)) is not None:
+        yield c
 
 
-def iter_chunks(docs: Iterable[tuple[int, Document]], tokenizer: Any, context: int) -> Iterator[Chunk]:
+def chunk_tokens(index: int, ids: np.ndarray, context: int, frame: Framing, name: str = "") -> Iterator[Chunk]:
+    """Cut one document's content tokens into chunks of at most ``context`` tokens, framed."""
+    return chunk_pieces(index, [np.asarray(ids, dtype=np.int64)], context, frame, name)
+
+
+def iter_chunks(docs: Iterable[tuple[int, Document]], tokenizer: PreTrainedTokenizerBase, context: int) -> Iterator[Chunk]:
     """Chunks of every (stream index, document), in order."""
     frame = framing(tokenizer)
-    for index, ids in tokenize_documents(docs, tokenizer):
-        yield from chunk_tokens(index, ids, context, frame)
+    for index, doc, pieces in tokenize_documents(docs, tokenizer):
+        yield from chunk_pieces(index, pieces, context, frame, doc.id)
 
 
 @dataclass
 class Batch:
     """Right-padded chunks: model inputs and, for harvested tokens, where they came from."""
 
-    input_ids: Any  # torch.long (B, T)
-    attention_mask: Any  # torch.long (B, T)
-    keep: Any  # torch.bool (B, T)
+    input_ids: torch.Tensor  # long (B, T)
+    attention_mask: torch.Tensor  # long (B, T)
+    keep: torch.Tensor  # bool (B, T)
     doc: np.ndarray  # int64 (n,) per kept token, in row-major order
     pos: np.ndarray  # int32 (n,)
     tok: np.ndarray  # int32 (n,)
+    names: dict[int, str] = field(default_factory=dict)  # stream index -> document id, for the batch's documents
 
     @property
     def rows(self) -> int:
@@ -613,8 +920,6 @@ class Batch:
 
 def make_batch(chunks: list[Chunk], pad: int) -> Batch:
     """Pad chunks to the longest one (not to the context) and index their kept tokens."""
-    import torch
-
     T = max(len(c.ids) for c in chunks)
     ids = np.full((len(chunks), T), pad, dtype=np.int64)
     mask = np.zeros((len(chunks), T), dtype=np.int64)
@@ -625,7 +930,7 @@ def make_batch(chunks: list[Chunk], pad: int) -> Batch:
         n = len(c.ids)
         ids[i, :n], mask[i, :n], keep[i, :n], pos[i, :n], doc[i, :n] = c.ids, 1, c.keep, c.positions, c.doc
     return Batch(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(keep),
-                 doc[keep], pos[keep], ids[keep].astype(np.int32))
+                 doc[keep], pos[keep], ids[keep].astype(np.int32), {c.doc: c.name for c in chunks})
 
 
 def iter_batches(chunks: Iterable[Chunk], batch_size: int, pad: int) -> Iterator[Batch]:

@@ -1,27 +1,30 @@
 """Streaming mode: a producer process harvests while the trainer consumes, through a bounded disk buffer.
 
-Layout of the buffer folder (``OUT/stream``)::
+The buffer (``OUT/stream``) holds shards of the one activation format (:mod:`innards.data.shards`,
+written by the same :class:`~innards.data.shards.ShardWriter` as a store), plus::
 
-    spec.json                     what the producer harvests (written by the trainer)
+    spec.json                     what the producer harvests (written by the trainer; keys below)
     warmup.json, stats.safetensors, val.safetensors
                                   the warm-up pass: float64 statistics and the validation rows
-    shards/shard_XXXXXXXX.safetensors
-                                  training rows in stream order: acts (n, d), doc, pos, tok
     ledger.json                   the producer's progress (next shard, rows, peak buffer bytes)
     buffer_full                   present while the producer waits for room
     end.json | error.json         the producer finished | failed (type, message, traceback)
     producer.log                  the producer's stdout and stderr
 
+Spec keys: model, site, text, context, harvest_batch, dtype (storage), model_dtype, device,
+shard_rows, bound_bytes, target_rows, stats_rows, val_rows, val_fraction, seed, nonfinite, dir, and
+optionally order ("shuffled", the harvest's default, or "sequential"), text_field, doc_split.
+
 Guarantees and how they are kept:
-- *Disk bound.* A shard is serialised in memory first, so its exact size is known; the producer writes
-  it only when the shards on disk plus it fit under the bound, and the trainer only deletes. The
-  design needs two shards of room (one being read, one being written): a smaller bound is refused.
+- *Disk bound.* A shard's exact size is known before its files are written; the writer waits until
+  the shards on disk plus it fit under the bound, and the trainer only deletes. The design needs two
+  shards of room (one being read, one being written): a smaller bound is refused.
 - *Exactly once.* Rows are numbered in stream order; every shard but the last holds exactly
   ``shard_rows`` rows, so row r lives in shard r // shard_rows. The trainer takes consecutive rows
   of a fixed order (each shard permuted by a generator seeded with (seed, shard)) and records only
   the next row number in its resume state. A shard is deleted only after a saved resume state has
   moved past it; when the producer is blocked on a full buffer, the trainer saves one at the current
-  step boundary (``set_commit_hook``). A restarted producer continues after its ledger's last shard.
+  step boundary (``set_commit_hook``). A restarted producer continues after its last committed shard.
 - *Failures.* The producer writes error.json and exits non-zero; the trainer re-raises the error
   (InnardsError stays InnardsError); a producer that dies without a word is reported too.
 
@@ -36,21 +39,27 @@ does); a store on disk gives a global shuffle.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from innards.data.harvest import Harvester, HarvestConfig
+from innards.data.shards import SHARDS, ShardWriter, committed, read_record, read_shard, shard_bytes, shard_name
+from innards.data.sources import SiteStats, Source
+from innards.data.stats import Moments
 from innards.errors import InnardsError
-from innards.io import atomic_write_bytes, read_json, write_json
+from innards.io import load_tensors, read_json, save_tensors, write_json
+from innards.models.config import ModelConfig
 
-SHARDS = "shards"
 POLL_S = 0.05
 
 
@@ -69,17 +78,11 @@ def _check_stop(stop: threading.Event | None, ppid: int | None) -> None:
         raise InnardsError("the trainer exited; stopping the stream producer")
 
 
-def shard_path(root: Path, seq: int) -> Path:
-    """Path of shard number ``seq``."""
-    return root / SHARDS / f"shard_{seq:08d}.safetensors"
-
-
 def _shard_seq(p: Path) -> int | None:
-    if p.name.startswith("shard_") and p.name.endswith(".safetensors"):
-        try:
-            return int(p.name[6:14])
-        except ValueError:
-            return None
+    """Shard number of any file of a buffer shard (``r000-SEQ.*``), else None."""
+    name = p.name
+    if name.startswith("r000-") and len(name) > 11 and name[5:11].isdigit() and name[11] == ".":
+        return int(name[5:11])
     return None
 
 
@@ -98,9 +101,19 @@ def used_bytes(root: Path) -> int:
 
 
 def shard_bytes_estimate(rows: int, width: int, dtype: str) -> int:
-    """Upper bound of one shard's file size (activations, provenance, header)."""
-    item = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
-    return rows * (width * item + 16) + 4096
+    """Upper bound of one buffer shard's size on disk (one site; at worst one document per row)."""
+    return shard_bytes(rows, {"acts": width}, dtype, docs=rows)
+
+
+def _harvester(spec: dict[str, Any]) -> Harvester:
+    """The harvest the spec describes (the trainer's GLPTrainConfig writes it)."""
+    cfg = HarvestConfig(model=ModelConfig(name=spec["model"], dtype=spec["model_dtype"], device=spec.get("device")),
+                        site=[spec["site"]], text=spec["text"], tokens=max(1, int(spec["target_rows"])), out=spec["dir"],
+                        context=spec.get("context"), batch_size=spec["harvest_batch"], store_dtype=spec["dtype"],
+                        shard_tokens=spec["shard_rows"], val_fraction=spec["val_fraction"], seed=spec["seed"],
+                        order=spec.get("order", "shuffled"), text_field=spec.get("text_field", "text"),
+                        doc_split=spec.get("doc_split", "blank"))
+    return Harvester(cfg)
 
 
 # ===================================================================== producer (own process)
@@ -113,51 +126,23 @@ def _write_error(root: Path, e: BaseException) -> None:
         pass
 
 
-def _val_flags(batch_doc: np.ndarray, names: dict[int, str], cache: dict[int, bool], seed: int, fraction: float) -> np.ndarray:
-    from innards.data.harvest import is_val
-
-    out = np.empty(len(batch_doc), dtype=bool)
-    for i, d in enumerate(batch_doc):
-        d = int(d)
-        if d not in cache:
-            cache[d] = is_val(names.get(d) or str(d), seed, fraction)[0] if fraction > 0 else False
-        out[i] = cache[d]
-    return out
-
-
-def _harvest_config(spec: dict[str, Any]) -> Any:
-    from innards.data.harvest import HarvestConfig
-
-    return HarvestConfig(model=spec["model"], site=[spec["site"]], text=spec["text"], tokens=max(1, spec["target_rows"]),
-                         out=spec["dir"], context=spec.get("context"), batch_size=spec["harvest_batch"], dtype=spec["dtype"],
-                         shard_tokens=spec["shard_rows"], val_fraction=spec["val_fraction"], seed=spec["seed"],
-                         model_dtype=spec["model_dtype"], device=spec.get("device"))
-
-
-def _warmup(p: Any, spec: dict[str, Any], root: Path, stop: threading.Event | None, ppid: int | None) -> None:
+def _warmup(h: Harvester, spec: dict[str, Any], root: Path, stop: threading.Event | None, ppid: int | None) -> None:
     """Statistics over the stream's first rows and the validation rows; nothing goes to the buffer."""
-    from innards.data.harvest import batches, capture_rows
-    from innards.data.stats import Moments
-    from innards.io import save_tensors
-
-    site = p.sites[0]
+    site = h.sites[0]
     want_stats, want_val = int(spec["stats_rows"]), int(spec["val_rows"])
     mom = Moments.empty(site.width)
     val: list[torch.Tensor] = []
-    n_val = n_seen = bad = 0
-    names: dict[int, str] = {}
-    cache: dict[int, bool] = {}
+    n_val = bad = 0
     with torch.inference_mode():
-        for batch in batches(p, names):
+        for batch in h.batches():
             _check_stop(stop, ppid)
-            x = capture_rows(p.model, p.sites, batch)[site.name].float().cpu()
-            flags = torch.from_numpy(_val_flags(batch.doc, names, cache, spec["seed"], spec["val_fraction"]))
+            x = h.capture(batch)[site.name].float().cpu()
+            flags = torch.from_numpy(h.val_mask(batch))
             ok = torch.isfinite(x).all(-1)
             bad += int((~ok).sum())
             tr = x[~flags & ok][: max(0, want_stats - mom.count)]
             if tr.shape[0]:
                 mom.update(tr.double())
-            n_seen += int((~flags).sum())
             if n_val < want_val:
                 v = x[flags & ok][: want_val - n_val]
                 val.append(v)
@@ -172,95 +157,75 @@ def _warmup(p: Any, spec: dict[str, Any], root: Path, stop: threading.Event | No
     st = mom.summary()
     save_tensors(root / "stats.safetensors", {"mean": torch.from_numpy(st["mean"]), "var": torch.from_numpy(st["var"])})
     save_tensors(root / "val.safetensors", {"acts": torch.cat(val) if val else torch.zeros(0, site.width)})
-    from innards.models.sites import site_metadata
-
     write_json(root / "warmup.json", {
-        "width": site.width, "site": site.name, "site_info": [site_metadata(p.model, site)],
-        "model": {**(getattr(p.model, "innards_source", {}) or {})}, "index_convention": p.plan["index_convention"],
+        "width": site.width, "site": site.name, "site_info": h.site_meta,
+        "model": {**(getattr(h.model, "innards_source", {}) or {})}, "index_convention": h.plan["index_convention"],
         "count": st["count"], "mean_norm": st["mean_norm"], "rms_norm": st["rms_norm"], "val_rows": n_val,
         "nonfinite_rows": bad,
         "note": f"float64 moments of the training-document rows among the first {want_stats} of the stream"})
 
 
-def _wait_for_room(root: Path, need: int, bound: int, stop: threading.Event | None, ppid: int | None) -> int:
+def _room(root: Path, bound: int, stop: threading.Event | None, ppid: int | None, peak: list[int]) -> Callable[[int], None]:
+    """The writer's wait for disk room: returns once ``need`` more bytes fit under the bound."""
     flag = root / "buffer_full"
-    waited = False
-    while True:
-        used = used_bytes(root)
-        if used + need <= bound:
-            if waited:
-                flag.unlink(missing_ok=True)
-            return used
-        if not waited:
-            flag.touch()
-            waited = True
-        _check_stop(stop, ppid)
-        time.sleep(POLL_S)
+
+    def wait(need: int) -> None:
+        if need > bound:
+            raise InnardsError(f"a stream shard of {need / 1e6:.2f} MB does not fit in --buffer-gb {bound / 1e9:g}")
+        waited = False
+        while (used := used_bytes(root)) + need > bound:
+            if not waited:
+                flag.touch()
+                waited = True
+            _check_stop(stop, ppid)
+            time.sleep(POLL_S)
+        if waited:
+            flag.unlink(missing_ok=True)
+        peak[0] = max(peak[0], used + need)
+
+    return wait
 
 
-def _produce(p: Any, spec: dict[str, Any], root: Path, stop: threading.Event | None, ppid: int | None) -> None:
+def _produce(h: Harvester, spec: dict[str, Any], root: Path, stop: threading.Event | None, ppid: int | None) -> None:
     """Write the training rows as shards of exactly shard_rows rows, waiting for room under the bound."""
-    from safetensors.torch import save as st_save
-
-    from innards.data.harvest import batches, capture_rows
-
-    site = p.sites[0]
+    site = h.sites[0].name
     R, target, bound = int(spec["shard_rows"]), int(spec["target_rows"]), int(spec["bound_bytes"])
     ledger_path = root / "ledger.json"
     ledger = read_json(ledger_path, "stream ledger") if ledger_path.is_file() else {"next_seq": 0, "max_bytes": 0}
     seq = int(ledger["next_seq"])
-    while shard_path(root, seq).is_file():  # committed after the last ledger write
-        seq += 1
-    for stale in (root / SHARDS).glob(".*"):  # a write cut short by a crash
-        stale.unlink(missing_ok=True)
+    seq += len(committed(root, 0, start=seq))  # shards committed after the last ledger write; cleans up after a crash
     done = seq * R  # every shard before seq is full
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec["dtype"]]
-    buf: list[tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]] = []
-    fill = 0
-    max_bytes = int(ledger.get("max_bytes", 0))
+    peak = [int(ledger.get("max_bytes", 0))]
 
-    def commit(final: bool = False) -> None:
-        nonlocal seq, fill, buf, max_bytes
-        if fill == 0:
-            return
-        acts = torch.cat([b[0] for b in buf])
-        doc, pos, tok = (np.concatenate([b[i] for b in buf]) for i in (1, 2, 3))
-        take = acts.shape[0] if final else R
-        tensors = {"acts": acts[:take].to(dtype).contiguous(), "doc": torch.from_numpy(doc[:take].astype(np.int64)),
-                   "pos": torch.from_numpy(pos[:take].astype(np.int32)), "tok": torch.from_numpy(tok[:take].astype(np.int32))}
-        data = st_save(tensors, metadata={"seq": str(seq), "rows": str(take), "first_row": str(seq * R)})
-        used = _wait_for_room(root, len(data), bound, stop, ppid)
-        atomic_write_bytes(shard_path(root, seq), data)  # the rename is the commit
-        max_bytes = max(max_bytes, used + len(data))
-        write_json(ledger_path, {"next_seq": seq + 1, "rows": seq * R + take, "max_bytes": max_bytes, "bound_bytes": bound})
-        seq += 1
-        buf = [(acts[take:], doc[take:], pos[take:], tok[take:])] if acts.shape[0] > take else []
-        fill = acts.shape[0] - take
+    def on_commit(record: dict) -> None:
+        n = int(record["name"].split("-")[1])
+        write_json(ledger_path, {"next_seq": n + 1, "rows": n * R + record["rows"], "max_bytes": peak[0], "bound_bytes": bound})
 
-    names: dict[int, str] = {}
-    cache: dict[int, bool] = {}
+    writer = ShardWriter(root, {site: h.widths[site]}, spec["dtype"], R, start_seq=seq,
+                         room=_room(root, bound, stop, ppid, peak), on_commit=on_commit)
     seen = 0  # training rows of the stream so far, stored earlier or now
-    with torch.inference_mode():
-        for batch in batches(p, names):
-            _check_stop(stop, ppid)
-            if seen >= target:
-                break
-            flags = _val_flags(batch.doc, names, cache, spec["seed"], spec["val_fraction"])
-            keep = ~flags
-            n = int(keep.sum())
-            if seen + n <= done:  # already in committed shards: replay the text without the model
+    try:
+        with torch.inference_mode():
+            for batch in h.batches():
+                _check_stop(stop, ppid)
+                if seen >= target:
+                    break
+                keep = ~h.val_mask(batch)
+                n = int(keep.sum())
+                if seen + n <= done:  # already in committed shards: replay the text without the model
+                    seen += n
+                    continue
+                x = h.capture(batch)[site][torch.from_numpy(keep).to(h.device)]
+                lo, hi = max(0, done - seen), min(n, target - seen)
+                writer.add({site: x[lo:hi]}, batch.doc[keep][lo:hi], batch.pos[keep][lo:hi], batch.tok[keep][lo:hi],
+                           batch.names)
                 seen += n
-                continue
-            x = capture_rows(p.model, p.sites, batch)[site.name].float().cpu()[torch.from_numpy(keep)]
-            lo, hi = max(0, done - seen), min(n, target - seen)
-            buf.append((x[lo:hi], batch.doc[keep][lo:hi], batch.pos[keep][lo:hi], batch.tok[keep][lo:hi]))
-            fill += hi - lo
-            seen += n
-            while fill >= R:
-                commit()
-    commit(final=True)
-    write_json(root / "end.json", {"shards": seq, "rows": min(seen, target), "target_rows": target,
-                                   "exhausted": seen < target, "max_bytes": max_bytes})
+    except BaseException:
+        writer.abort()  # never commit a partial shard before the end: row r must stay in shard r // R
+        raise
+    writer.close()
+    write_json(root / "end.json", {"shards": writer.seq, "rows": min(seen, target), "target_rows": target,
+                                   "exhausted": seen < target, "max_bytes": peak[0]})
 
 
 def producer_main(spec_path: str | Path, stop: threading.Event | None = None) -> int:
@@ -272,21 +237,18 @@ def producer_main(spec_path: str | Path, stop: threading.Event | None = None) ->
     root = Path(spec_path).parent
     ppid = int(os.environ["INNARDS_STREAM_PARENT"]) if stop is None and "INNARDS_STREAM_PARENT" in os.environ else None
     try:
-        from innards.data.harvest import prepare
-
         spec = read_json(spec_path, "stream spec")
-        p = prepare(_harvest_config(spec))
-        width = p.sites[0].width
+        h = _harvester(spec)
+        width = h.sites[0].width
         one = shard_bytes_estimate(int(spec["shard_rows"]), width, spec["dtype"])
         if int(spec["bound_bytes"]) < 2 * one:
             raise InnardsError(f"--buffer-gb {spec['bound_bytes'] / 1e9:g} is too small: the stream keeps two shards of "
                                f"{spec['shard_rows']} activations x {width} ({one / 1e6:.2f} MB each) on disk; raise "
-                               "--buffer-gb or lower --shard-rows")
-        p.source.prepare(0, 1)
+                               "--buffer-gb or lower the shard size")
+        h.source.prepare(0, 1)
         if not (root / "warmup.json").is_file():
-            _warmup(p, spec, root, stop, ppid)
-        (root / SHARDS).mkdir(exist_ok=True)
-        _produce(p, spec, root, stop, ppid)
+            _warmup(h, spec, root, stop, ppid)
+        _produce(h, spec, root, stop, ppid)
         return 0
     except _Stopped:
         return 0
@@ -297,7 +259,7 @@ def producer_main(spec_path: str | Path, stop: threading.Event | None = None) ->
 
 
 # ===================================================================== consumer (trainer side)
-class StreamSource:
+class StreamSource(Source):
     """The trainer's view of the stream: batches in a fixed order, resumable, deleting what is safe."""
 
     def __init__(self, root: str | Path, spec: dict[str, Any], batch_rows: int, resume: bool = False,
@@ -309,7 +271,7 @@ class StreamSource:
         self.seed = int(spec["seed"])
         self.timeout_s = timeout_s
         self.pos = 0  # next row number to hand out
-        self._hook = None
+        self._hook: Callable[[], None] | None = None
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
         self._proc: subprocess.Popen | None = None
         self._thread: threading.Thread | None = None
@@ -318,8 +280,6 @@ class StreamSource:
             raise InnardsError(f"unknown stream producer mode '{producer}' (choose process or thread)")
         self.mode = producer
         if not resume:
-            import shutil
-
             shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "error.json").unlink(missing_ok=True)
@@ -328,6 +288,8 @@ class StreamSource:
         if not (self.root / "end.json").is_file():
             self._start()
         self.warm: dict[str, Any] = {}
+        self.sites: list[str] = [spec["site"]]
+        self.width = 0
         if wait:
             self.wait_ready()
 
@@ -342,21 +304,6 @@ class StreamSource:
         self.sites = [self.warm["site"]]
         self.width = int(self.warm["width"])
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> "StreamSource":
-        """Start (or reattach to) the stream of a GLPTrainConfig with --stream."""
-        steps = cfg.steps if cfg.steps is not None else -(-cfg.tokens // cfg.batch_size)
-        target = steps * cfg.batch_size  # exactly what the trainer will take
-        if cfg.buffer_gb <= 0:
-            raise InnardsError("--buffer-gb must be positive")
-        spec = {"model": cfg.model, "site": cfg.site, "text": cfg.text, "context": cfg.context,
-                "harvest_batch": cfg.harvest_batch, "dtype": cfg.stream_dtype, "model_dtype": cfg.model_dtype,
-                "device": cfg.device, "shard_rows": cfg.shard_rows, "bound_bytes": int(cfg.buffer_gb * 1e9),
-                "target_rows": int(target), "stats_rows": cfg.stats_rows, "val_rows": cfg.val_rows,
-                "val_fraction": cfg.val_fraction, "seed": cfg.seed, "nonfinite": cfg.nonfinite}
-        root = Path(cfg.out) / "stream"
-        return cls(root, {**spec, "dir": str(root)}, cfg.batch_size, resume=cfg.resume, producer=cfg.stream_producer)
-
     # ----- producer lifecycle
     def _start(self) -> None:
         if self.mode == "thread":
@@ -367,7 +314,7 @@ class StreamSource:
         env = dict(os.environ, INNARDS_STREAM_PARENT=str(os.getpid()))
         log = open(self.root / "producer.log", "ab")
         try:
-            self._proc = subprocess.Popen([sys.executable, "-m", "innards.glp.stream", str(self.root / "spec.json")],
+            self._proc = subprocess.Popen([sys.executable, "-m", "innards.data.stream", str(self.root / "spec.json")],
                                           stdout=log, stderr=subprocess.STDOUT, env=env)
         finally:
             log.close()
@@ -415,12 +362,10 @@ class StreamSource:
         self._proc = None
 
     # ----- Source protocol
-    def stats(self, site: str) -> dict[str, Any]:
-        from innards.io import load_tensors
-
+    def stats(self, site: str) -> SiteStats:
         t = load_tensors(self.root / "stats.safetensors", what="stream statistics")
-        return {"mean": t["mean"].numpy(), "var": t["var"].numpy(), "count": self.warm["count"],
-                "mean_norm": self.warm["mean_norm"], "rms_norm": self.warm["rms_norm"], "source": self.warm["note"]}
+        return SiteStats(mean=t["mean"].numpy(), var=t["var"].numpy(), count=self.warm["count"],
+                         mean_norm=self.warm["mean_norm"], rms_norm=self.warm["rms_norm"], source=self.warm["note"])
 
     def meta(self) -> dict[str, Any]:
         return {"model": self.warm["model"], "sites": self.sites, "site_info": self.warm["site_info"],
@@ -435,8 +380,6 @@ class StreamSource:
                 "text": self.spec["text"]}
 
     def val_batch(self, n: int, seed: int) -> torch.Tensor | None:
-        from innards.io import load_tensors
-
         v = load_tensors(self.root / "val.safetensors", what="stream validation rows")["acts"]
         return v[:n] if v.shape[0] else None
 
@@ -448,7 +391,7 @@ class StreamSource:
         self._cache.clear()
         self.after_save(state)
 
-    def set_commit_hook(self, fn: Any) -> None:
+    def set_commit_hook(self, fn: Callable[[], None]) -> None:
         """``fn()`` persists ``state_dict()``; called when consumed shards must go to make room."""
         self._hook = fn
 
@@ -461,19 +404,18 @@ class StreamSource:
         d = self.root / SHARDS
         if not d.is_dir():
             return
-        for p in d.iterdir():
-            s = _shard_seq(p)
-            if s is not None and s < keep_from:
-                p.unlink(missing_ok=True)
+        gone = sorted(((s, p) for p in d.iterdir() if (s := _shard_seq(p)) is not None and s < keep_from),
+                      key=lambda sp: (sp[0], not sp[1].name.endswith(".json")))
+        for _, p in gone:  # each shard's record first: a shard half-deleted by a kill is no longer committed
+            p.unlink(missing_ok=True)
 
     # ----- batches
     def _shard(self, seq: int, entry: int) -> dict[str, torch.Tensor] | None:
         if seq in self._cache:
             return self._cache[seq]
-        path = shard_path(self.root, seq)
         t0 = time.monotonic()
         asked = False
-        while not path.is_file():
+        while (record := read_record(self.root, shard_name(0, seq))) is None:
             self._check_producer()
             end = self.root / "end.json"
             if end.is_file() and seq >= int(read_json(end, "stream end record")["shards"]):
@@ -487,14 +429,13 @@ class StreamSource:
             if self.timeout_s is not None and time.monotonic() - t0 > self.timeout_s:
                 raise InnardsError(f"timed out waiting for stream shard {seq}")
             time.sleep(POLL_S)
-        from safetensors.torch import load_file
-
         try:
-            t = load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - safetensors has its own error types
-            raise InnardsError(f"stream shard {path} does not load: {str(e).splitlines()[0][:160]}") from None
+            acts, index = read_shard(self.root, record, self.sites[0], self.spec["dtype"])
+        except (OSError, ValueError) as e:
+            raise InnardsError(f"stream shard {shard_name(0, seq)} does not load: {str(e).splitlines()[0][:160]}") from None
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + seq)
-        t["perm"] = torch.randperm(t["acts"].shape[0], generator=g)
+        t = {"acts": acts, "doc": torch.from_numpy(index["doc"].copy()), "pos": torch.from_numpy(index["pos"].copy()),
+             "perm": torch.randperm(acts.shape[0], generator=g)}
         self._cache = {k: v for k, v in self._cache.items() if k >= seq - 1}
         self._cache[seq] = t
         return t
@@ -515,7 +456,7 @@ class StreamSource:
                 break
             take = min(t["acts"].shape[0] - off, entry + self.B - r)
             idx = t["perm"][off:off + take]
-            xs.append(t["acts"][idx].float())
+            xs.append(t["acts"][idx])
             docs.append(t["doc"][idx].numpy())
             poss.append(t["pos"][idx].numpy())
             r += take

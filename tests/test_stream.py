@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from innards.errors import InnardsError
-from innards.glp.stream import StreamExhausted, StreamSource, shard_bytes_estimate, used_bytes
+from innards.data.stream import StreamExhausted, StreamSource, shard_bytes_estimate, used_bytes
 from innards.glp.train import GLPTrainConfig, train_glp
 
 SITE = "blocks.1.resid_post"
@@ -42,16 +42,14 @@ def _spec(model: Path, text: Path, root: Path, **kw) -> dict:
 
 def _expected_rows(spec: dict) -> list[tuple[int, int]]:
     """(doc, pos) of the stream's first target training rows, from the text alone (no model forward)."""
-    from innards.data.harvest import batches, is_val, prepare
-    from innards.glp.stream import _harvest_config
+    from innards.data.harvest import Harvester, HarvestConfig
 
-    p = prepare(_harvest_config(spec))
-    names: dict[int, str] = {}
+    h = Harvester(HarvestConfig(model=spec["model"], site=[spec["site"]], text=spec["text"], context=spec["context"],
+                                batch_size=spec["harvest_batch"], val_fraction=spec["val_fraction"], seed=spec["seed"]))
     out: list[tuple[int, int]] = []
-    for b in batches(p, names):
-        for d, q in zip(b.doc, b.pos):
-            if not is_val(names[int(d)], spec["seed"], spec["val_fraction"])[0]:
-                out.append((int(d), int(q)))
+    for b in h.batches():
+        train = ~h.val_mask(b)
+        out += list(zip(b.doc[train].tolist(), b.pos[train].tolist()))
         if len(out) >= spec["target_rows"]:
             break
     return out[: spec["target_rows"]]
@@ -104,15 +102,20 @@ def test_exactly_once_across_a_crash_within_the_disk_bound(tiny_model_dir, text,
 
     ledger = json.loads((root / "ledger.json").read_text())
     assert 0 < ledger["max_bytes"] <= spec["bound_bytes"] and peak[0] <= spec["bound_bytes"]
-    assert not list((root / "shards").glob("shard_*"))  # all consumed and saved: buffer emptied
+    assert not list((root / "shards").glob("r000-*"))  # all consumed and saved: buffer emptied
     assert (root / "val.safetensors").is_file() and (root / "stats.safetensors").is_file()
 
 
 def _cfg(model: Path, text: Path, out: Path, **kw) -> GLPTrainConfig:
-    base = dict(stream=True, model=str(model), site=SITE, text=str(text), out=str(out), depth=1, steps=10,
-                batch_size=256, lr=1e-3, shard_rows=700, buffer_gb=2.2 * shard_bytes_estimate(700, WIDTH, "bf16") / 1e9,
-                stats_rows=1000, val_rows=200, val_fraction=0.1, context=64, harvest_batch=8, checkpoints=3,
-                save_every=4, log_every=2, progress=False, stream_producer="thread")
+    from innards.data.harvest import HarvestConfig
+    from innards.glp.train import GLPOptimConfig
+
+    harvest = HarvestConfig(model=str(model), site=[SITE], text=str(text), context=64, batch_size=8, shard_tokens=700,
+                            val_fraction=0.1)
+    base = dict(stream=True, harvest=harvest, out=str(out), depth=1, steps=10, batch_size=256,
+                optim=GLPOptimConfig(lr=1e-3), buffer_gb=2.2 * shard_bytes_estimate(700, WIDTH, "bf16") / 1e9,
+                stats_rows=1000, val_rows=200, checkpoints=3, save_every=4, log_every=2, progress=False,
+                stream_producer="thread")
     base.update(kw)
     return GLPTrainConfig(**base)
 
@@ -140,7 +143,7 @@ def test_bad_input_reaches_the_trainer(tiny_model_dir, text, tmp_path):
     with pytest.raises(InnardsError, match="stream producer: text source not found"):
         train_glp(_cfg(model, tmp_path / "missing.txt", tmp_path / "missing"))
     with pytest.raises(InnardsError, match="--stream needs"):
-        train_glp(GLPTrainConfig(stream=True, model=str(model), out=str(tmp_path / "x"), steps=3))
+        train_glp(GLPTrainConfig(stream=True, out=str(tmp_path / "x"), steps=3))
 
 
 def test_producer_process_end_to_end_and_silent_death(tiny_model_dir, text, tmp_path):
@@ -150,7 +153,7 @@ def test_producer_process_end_to_end_and_silent_death(tiny_model_dir, text, tmp_
     out = train_glp(_cfg(model, text, tmp_path / "p", stream_producer="process", steps=6))
     assert GLP.from_pretrained(out).meta["training"]["step"] == 6
     assert (out / "stream" / "end.json").is_file() and (out / "stream" / "producer.log").is_file()
-    assert not list((out / "stream" / "shards").glob("shard_*"))
+    assert not list((out / "stream" / "shards").glob("r000-*"))
     # a producer killed without a word is reported, not waited for forever
     root = tmp_path / "killed"
     src = StreamSource(root, _spec(model, text, root), batch_rows=256, producer="process", timeout_s=60, wait=False)
