@@ -1,5 +1,7 @@
+import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,7 +31,7 @@ def built(tmp_path_factory):
     model_dir = make_tiny_model("llama", root)
     text = write_corpus(root / "corpus.txt")
     cfg = HarvestConfig(model=str(model_dir), site=SITES, text=str(text), tokens=700, out=str(root / "st"),
-                        context=16, batch_size=4, dtype="fp32", shard_tokens=128, val_fraction=0.2)
+                        context=16, batch_size=4, store_dtype="fp32", shard_tokens=128, val_fraction=0.2, order="sequential")
     model = load_model(str(model_dir))
     harvest(cfg, model=model)
     return {"store": ActivationStore(root / "st"), "model": model, "cfg": cfg, "root": root, "text": text}
@@ -197,3 +199,96 @@ def test_missing_and_incomplete_stores(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(InnardsError, match="not valid JSON"):
         ActivationStore(tmp_path)
+
+
+def test_indexing_like_a_map_style_dataset(built):
+    """store[i] is one raw row, store[a:b] / index arrays / boolean masks (n, d), negatives from the end."""
+    root, model = built["root"], built["model"]
+    with pytest.raises(InnardsError, match="different widths"):
+        built["store"][0]  # sites of two widths: read them with rows(site=...)
+    harvest(HarvestConfig(model=str(root / "llama"), site=["blocks.2.resid_post"], text=str(built["text"]), tokens=700,
+                          out=str(root / "one"), context=16, batch_size=4, store_dtype="fp32", shard_tokens=128), model=model)
+    one = ActivationStore(root / "one")
+    every = one.rows(np.arange(len(one)))
+    assert one[3].shape == (32,) and torch.equal(one[3], every[3]) and torch.equal(one[-1], every[-1])
+    assert torch.equal(one[10:20], every[10:20]) and torch.equal(one[::100], every[::100]) and one[5:5].shape == (0, 32)
+    assert torch.equal(one[[5, 1, 5]], every[[5, 1, 5]]) and torch.equal(one[np.array([-1, 0])], every[[699, 0]])
+    assert torch.equal(one[torch.tensor([2, 3])], every[2:4])
+    mask = np.zeros(len(one), dtype=bool)
+    mask[[4, 9]] = True
+    assert torch.equal(one[mask], every[[4, 9]])
+    for bad in (700, -701, [0, 700], np.zeros(3, dtype=bool), np.array([0.5])):
+        with pytest.raises(IndexError):
+            one[bad]
+    assert sum(len(b) for b in torch.utils.data.DataLoader(one, batch_size=256)) == 700  # a torch Dataset as it is
+    harvest(HarvestConfig(model=str(root / "llama"), site=["blocks.0.resid_post", "blocks.2.resid_post"],
+                          text=str(built["text"]), tokens=700, out=str(root / "two"), context=16, batch_size=4,
+                          store_dtype="fp32", shard_tokens=128), model=model)
+    two = ActivationStore(root / "two")
+    assert two[[1, 2]].shape == (2, 2, 32) and torch.equal(two[7], two.rows([7])[0])
+    assert torch.equal(two[7][1], one[7])  # the same stream: the same rows whatever else is harvested
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "store-v1"
+
+
+def test_store_written_by_innards_0_2_loads_bit_exactly():
+    """A store written by the code before the data layer was rebuilt (tests/fixtures/store-v1) reads the same."""
+    exp = json.loads((FIXTURE.parent / "store-v1.expected.json").read_text())
+    st = ActivationStore(FIXTURE)
+    assert st.verify()["ok"] and len(st) == exp["rows"] and st.sites == exp["sites"] and st.dtype == exp["dtype"]
+    for s in exp["sites"]:
+        x = st.rows(np.arange(len(st)), site=s).numpy()
+        assert hashlib.sha256(x.tobytes()).hexdigest() == exp[f"rows_sha256.{s}"]
+        assert x[0, :4].tolist() == exp[f"first_row.{s}"]
+        stats = st.stats(s)
+        assert hashlib.sha256(stats["mean"].tobytes()).hexdigest() == exp[f"mean_sha256.{s}"]
+        assert hashlib.sha256(stats["var"].tobytes()).hexdigest() == exp[f"var_sha256.{s}"]
+        assert stats["mean_norm"] == exp[f"mean_norm.{s}"] and stats["rms_norm"] == exp[f"rms_norm.{s}"]
+        b = next(iter(st.loader(64, seed=3, sites=s, split="train")))
+        assert hashlib.sha256(b.numpy().tobytes()).hexdigest() == exp[f"loader_first_batch_sha256.{s}"]
+    assert st.doc_ids.tolist() == exp["doc_ids"] and st.positions.tolist() == exp["positions"]
+    assert st.token_ids.tolist() == exp["token_ids"] and st.doc_table == exp["doc_table"]
+    assert st.split_rows("train").tolist() == exp["train_rows"]
+
+
+def test_this_code_writes_the_0_2_store_byte_for_byte(tmp_path):
+    """Harvesting the fixture's settings (sequential order) again gives the very same shard files."""
+    from tiny_models import SENTENCES as S
+    from tiny_models import make_tiny_model
+
+    from innards.models.load import load_model
+
+    old = json.loads((FIXTURE / "manifest.json").read_text())
+    model = load_model(make_tiny_model("llama", tmp_path))
+    if model.innards_source.get("sha256") != old["model"]["sha256"]:
+        pytest.skip("tests/tiny_models.py builds another model now; the fixture's weights cannot be rebuilt")
+    rng = np.random.default_rng(0)
+    docs = [" ".join(rng.choice(S, size=int(rng.integers(1, 3)))) for _ in range(24)]
+    (tmp_path / "corpus.txt").write_text("\n\n".join(docs) + "\n")
+    harvest(HarvestConfig(model=str(tmp_path / "llama"), site=["blocks.1.resid_post", "blocks.0.mlp_hidden"],
+                          text=str(tmp_path / "corpus.txt"), tokens=300, out=str(tmp_path / "st"), context=16, batch_size=4,
+                          store_dtype="bf16", shard_tokens=128, val_fraction=0.25, seed=0, order="sequential"), model=model)
+    new = json.loads((tmp_path / "st" / "manifest.json").read_text())
+    assert new["shards"] == old["shards"]  # names, rows, offsets, every file's size and SHA-256
+    assert new["stats"]["sha256"] == old["stats"]["sha256"] and new["docs"]["sha256"] == old["docs"]["sha256"]
+    for rec in (tmp_path / "st" / "shards").glob("r000-*.json"):
+        assert rec.read_bytes() == (FIXTURE / "shards" / rec.name).read_bytes()
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.pop("dtype"), "dtype is None"), (lambda m: m.update(dtype="fp64"), "dtype is 'fp64'"),
+    (lambda m: m.pop("sites"), "'sites' is missing"), (lambda m: m.pop("shards"), "'shards' is missing"),
+    (lambda m: m["shards"][0]["files"].pop("index"), "shard 0 lacks"), (lambda m: m.update(tokens=5), "token count"),
+    (lambda m: m.pop("stats"), "'stats'"), (lambda m: m.update(format_version="1"), "format_version"),
+    (lambda m: m["sites"].append(m["sites"][0]), "listed twice"),
+])
+def test_damaged_manifest_is_one_line(tmp_path, edit, match):
+    st = tmp_path / "st"
+    shutil.copytree(FIXTURE, st)
+    m = json.loads((st / "manifest.json").read_text())
+    edit(m)
+    (st / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(InnardsError, match=match) as e:
+        ActivationStore(st)
+    assert "\n" not in str(e.value) and "damaged" in str(e.value)

@@ -189,3 +189,129 @@ def test_generate_needs_causal_lm(tmp_path):
     bert = load_model(make_tiny_model("bert", tmp_path))
     with pytest.raises(InnardsError, match="generate"):
         open_text("generate:2", model=bert)
+
+
+# ---------------------------------------------------------------- shuffled order
+
+
+def _mixed_corpus(root):
+    """Files of every kind, several restart points each (small segments), a gzip file of two members."""
+    import zstandard
+
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["fox", "ran", "the", "a", "hill", "über", "rain"]
+
+    def para(tag, i):
+        return f"{tag} {i} " + " ".join(rng.choice(words, int(rng.integers(3, 40))))
+
+    (root / "a.txt").write_text("\n\n".join(para("a", i) for i in range(300)) + "\n")
+    half = [para("g", i) for i in range(200)]
+    (root / "g.txt.gz").write_bytes(gzip.compress(("\n\n".join(half[:90]) + "\n\n").encode())
+                                    + gzip.compress(("\n\n".join(half[90:]) + "\n").encode()))
+    lines = [json.dumps({"text": para("j", i) if i % 7 else " "}) for i in range(250)]
+    (root / "j.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "c.csv").write_text("prompt,label\n" + "".join(f'"{para("c", i)}",{i}\n' for i in range(40)))
+    (root / "z.csv.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        ("prompt\n" + "".join(para("z", i) + "\n" for i in range(30))).encode()))
+    return root
+
+
+def test_shuffled_order_reads_every_document_once(tmp_path, monkeypatch):
+    from innards.data import text as text_mod
+
+    monkeypatch.setattr(text_mod, "MIN_SEGMENT", 512)  # many restart points in small files
+    monkeypatch.setattr(text_mod, "WAVE", 4)  # and several waves
+    src = _mixed_corpus(tmp_path / "c")
+    seq = {d.id: d.text for d in iter_documents(str(src))}
+    shuffled = open_text(str(src), order="shuffled", seed=3)
+    first = [(d.id, d.text) for d in shuffled]
+    assert dict(first) == seq and len(first) == len(seq)  # the same documents under the same ids, each once
+    assert [d.id for d in shuffled] == [i for i, _ in first]  # the index is reused; the order is seeded
+    assert [d.id for d in open_text(str(src), order="shuffled", seed=3)] == [i for i, _ in first]
+    assert [d.id for d in open_text(str(src), order="shuffled", seed=4)] != [i for i, _ in first]
+    assert len(shuffled._index()) > 12  # files really were cut into segments
+    # with every segment in one wave, a prefix of the stream samples every file, not the first ones
+    monkeypatch.setattr(text_mod, "WAVE", 128)
+    head = {d.id.split(":")[0] for _, d in zip(range(len(first) // 10), open_text(str(src), order="shuffled"))}
+    assert head == {"a.txt", "g.txt.gz", "j.jsonl", "c.csv", "z.csv.zst"}
+    for split in ("line", "formfeed", "file"):
+        want = {d.id: d.text for d in iter_documents(str(src / "a.txt"), split=split)}
+        assert {d.id: d.text for d in open_text(str(src / "a.txt"), split=split, order="shuffled")} == want
+
+
+def test_shuffled_hf_dataset_keeps_row_ids(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(50)]}).save_to_disk(str(tmp_path / "saved"))
+    docs = list(open_text(str(tmp_path / "saved"), order="shuffled", seed=1))
+    assert sorted(d.text for d in docs) == sorted(f"row {i}" for i in range(50))
+    assert all(d.id.rsplit(":", 1)[1] == d.text.split()[1] for d in docs)  # ids keep the row numbers
+    assert [d.text for d in docs][:10] != [f"row {i}" for i in range(10)]
+    with pytest.raises(InnardsError, match="order"):
+        open_text(str(tmp_path / "saved"), order="random")
+
+
+# ---------------------------------------------------------------- long documents
+
+
+def _nasty_text(n: int, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    words = ["Once", "upon", "a", "time,", "the", "fox", "ran", "  ", "\n", "\n\n", "héllo", "naïve", "—", "“q”",
+             "12345", "x" * 30, "!!!", "\t", "The", "don't", "😀"]
+    return "".join(rng.choice(words) + rng.choice([" ", "", "  ", "\n"]) for _ in range(n))
+
+
+def test_windowed_tokens_equal_the_whole_text(tok, tiny_llama, tmp_path):
+    from innards.data.text import _encode, chunk_pieces, text_tokens
+    from innards.models.load import load_model
+
+    text = _nasty_text(6000)
+    bert = load_model(make_tiny_model("bert", tmp_path)).tokenizer
+    for t in (tok, bert, load_model("demo").tokenizer):
+        whole = np.asarray(_encode(t, [text])[0])
+        pieces = list(text_tokens(text, t, window=2048))
+        assert len(pieces) > 3 and np.array_equal(np.concatenate(pieces), whole)
+    # chunks cut from pieces are the chunks of the whole
+    frame = framing(tok)
+    whole = np.asarray(_encode(tok, [text])[0])
+    a = list(chunk_tokens(5, whole, 50, frame, "d"))
+    b = list(chunk_pieces(5, text_tokens(text, tok, window=2048), 50, frame, "d"))
+    assert len(a) == len(b) and all(np.array_equal(x.ids, y.ids) and np.array_equal(x.positions, y.positions)
+                                    and x.start == y.start and x.name == y.name == "d" for x, y in zip(a, b))
+
+
+def test_memory_is_flat_in_document_size(tok):
+    """A one-line 1 MB document: tokenising it whole took ~230 bytes per character; windows take a few MB."""
+    import os
+    import threading
+    import time
+
+    from tiny_models import SENTENCES
+
+    def rss() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("needs /proc")
+    words = " ".join(SENTENCES).split()
+    text = " ".join(np.random.default_rng(0).choice(words, 200_000))  # ~1 MB, no newline
+    base = peak = rss()
+    stop = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, rss())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        rows = sum(int(c.keep.sum()) for c in iter_chunks([(0, Document("big", text))], tok, 128))
+    finally:
+        stop.set()
+        t.join()
+    assert rows > 500_000
+    assert peak - base < 60, (base, peak)  # whole: ~230 MB
