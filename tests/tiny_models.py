@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import transformers as T
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 ARCHS = ("llama", "gpt2", "gpt_neox", "bert")
 
@@ -26,11 +27,8 @@ SENTENCES = [
 ]
 
 
-def make_tiny_tokenizer(add_bos: bool = False) -> Any:
+def make_tiny_tokenizer(add_bos: bool = False) -> T.PreTrainedTokenizerFast:
     """A byte-level BPE (vocab ~300) trained in memory, wrapped as PreTrainedTokenizerFast."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -40,14 +38,12 @@ def make_tiny_tokenizer(add_bos: bool = False) -> Any:
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                            special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+    return T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token=None)
 
 
-def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
+def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> T.PretrainedConfig:
     """A 2-4 layer, 32-64 wide config of the given architecture."""
-    import transformers as T
-
     ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if arch == "llama":
         cfg = T.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
@@ -69,8 +65,6 @@ def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
 
 def make_tiny_model(arch: str, tmp_path: str | Path, seed: int = 0, **overrides: Any) -> Path:
     """Build and save_pretrained a tiny random model + tokenizer into ``tmp_path/arch``; returns the folder."""
-    import transformers as T
-
     out = Path(tmp_path) / (arch + ("-" + "-".join(f"{k}={v}" for k, v in sorted(overrides.items())) if overrides else ""))
     if (out / "config.json").is_file():
         return out
