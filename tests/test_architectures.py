@@ -139,9 +139,11 @@ def _expected_qkv(model: nn.Module, layer: int, x: torch.Tensor) -> dict[str, to
     if fam == "modernbert":
         q, k, v = block.attn.Wqkv(x).view(B, L_SEQ, 3, h, -1).unbind(2)
         return {"q": q, "k": k, "v": v}
-    if fam in ("bert", "distilbert"):
-        a = block.attention.self if fam == "bert" else block.attention
-        names = ("query", "key", "value") if fam == "bert" else ("q_lin", "k_lin", "v_lin")
+    if fam in ("bert", "distilbert", "mpnet", "deberta_v2"):
+        a = {"bert": lambda: block.attention.self, "distilbert": lambda: block.attention, "mpnet": lambda: block.attention.attn,
+             "deberta_v2": lambda: block.attention.self}[fam]()
+        names = {"bert": ("query", "key", "value"), "distilbert": ("q_lin", "k_lin", "v_lin"), "mpnet": ("q", "k", "v"),
+                 "deberta_v2": ("query_proj", "key_proj", "value_proj")}[fam]
         return {kind: heads(getattr(a, name)(x)) for kind, name in zip("qkv", names)}
     attn = {"gpt_neo": lambda: block.attn.attention, "gptj": lambda: block.attn, "opt": lambda: block.self_attn}.get(
         fam, lambda: block.self_attn)()
@@ -246,8 +248,10 @@ def _embedding_sum(model: nn.Module, c: dict) -> torch.Tensor:
         emb = base.embeddings
         x = emb.LayerNorm(e + emb.token_type_embeddings(torch.zeros_like(_ids())) + c["pos_embed"])
         return base.embeddings_project(x) if hasattr(base, "embeddings_project") else x
-    if fam == "distilbert":
+    if fam in ("distilbert", "mpnet"):
         return base.embeddings.LayerNorm(e + c["pos_embed"])
+    if fam == "deberta_v2":  # no position embedding (positions are relative, inside attention), no token types
+        return base.embeddings.LayerNorm(e)
     if fam == "modernbert":
         return base.embeddings.norm(e)
     if cfg.model_type == "granite":

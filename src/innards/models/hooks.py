@@ -163,12 +163,16 @@ def _attention_weights(model: PreTrainedModel, sites: Iterable[Site]) -> Iterato
     if not patterns:
         yield
         return
+    def ask(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        bound = inspect.signature(mod.forward).bind(*args, **kwargs)
+        bound.arguments["output_attentions"] = True
+        return bound.args, bound.kwargs
+
     handles = []
     for s in patterns:
         module = model.get_submodule(s.module_path)
         if "output_attentions" in inspect.signature(module.forward).parameters:  # older attention code asks for a flag
-            handles.append(module.register_forward_pre_hook(
-                lambda mod, args, kwargs: (args, {**kwargs, "output_attentions": True}), with_kwargs=True))
+            handles.append(module.register_forward_pre_hook(ask, with_kwargs=True))
     config = model.config
     old = config._attn_implementation
     config._attn_implementation = "eager"  # shared by every attention module and the mask builder

@@ -215,6 +215,7 @@ def _n_heads(cfg: PretrainedConfig) -> tuple[int, int]:
 
 
 def _separate_qkv(block: nn.Module, attn: str, q: str, k: str, v: str, o: str, h: int, kv: int) -> Taps:
+    """q, k, v from three projections, z from the output projection's input, the pattern from the attention module."""
     d_head = _in_out(block.get_submodule(f"{attn}.{q}"))[1] // h
     return {"q": Tap(f"{attn}.{q}", split=_heads(h, d_head)), "k": Tap(f"{attn}.{k}", split=_heads(kv, d_head)),
             "v": Tap(f"{attn}.{v}", split=_heads(kv, d_head)), "z": Tap(f"{attn}.{o}", "input", split=_heads(h, d_head)),
@@ -375,18 +376,24 @@ def _opt_block(cfg: PretrainedConfig, block: nn.Module) -> Taps:
             "mlp_hidden": Tap("fc2", "input", flat=True), "mlp_out": Tap("fc2", flat=True)}
 
 
-def _bert_block(cfg: PretrainedConfig, block: nn.Module) -> Taps:
+def _bert_block(cfg: PretrainedConfig, block: nn.Module, *, attn: str = "attention.self",
+                qkv: tuple[str, str, str] = ("query", "key", "value"), out: str = "attention.output.dense",
+                ln1: str = "attention.output.LayerNorm") -> Taps:
+    """BERT and its post-LN relatives: attention (+ output projection) -> LN1(x + .) -> MLP -> LN2(. + .)."""
     h = int(cfg.num_attention_heads)
-    attn = _separate_qkv(block, "attention.self", "query", "key", "value", "dense", h, h)
-    return {"resid_pre": Tap("", "input"), "resid_post": Tap(""), **attn,
-            "z": Tap("attention.output.dense", "input", split=attn["q"].split),  # type: ignore[union-attr]
-            "attn_out": Tap("attention.output.dense"), "resid_mid": Tap("attention.output.LayerNorm", "input"),
-            "ln1_out": Tap("attention.output.LayerNorm"), "mlp_pre": Tap("intermediate.dense"),
+    taps = _separate_qkv(block, attn, *qkv, "", h, h)
+    heads = taps["q"].split  # type: ignore[union-attr]
+    return {"resid_pre": Tap("", "input"), "resid_post": Tap(""), **taps, "z": Tap(out, "input", split=heads),
+            "attn_out": Tap(out), "resid_mid": Tap(ln1, "input"), "ln1_out": Tap(ln1), "mlp_pre": Tap("intermediate.dense"),
             "mlp_hidden": Tap("output.dense", "input"), "mlp_out": Tap("output.dense"), "ln2_out": Tap("output.LayerNorm")}
 
 
 def _bert_check(cfg: PretrainedConfig) -> str | None:
-    return "decoders with cross-attention add a sub-layer" if getattr(cfg, "add_cross_attention", False) else None
+    if getattr(cfg, "add_cross_attention", False):
+        return "decoders with cross-attention add a sub-layer"
+    if getattr(cfg, "conv_kernel_size", 0):  # DeBERTa-v2 xlarge: a convolution joins the stream after block 0
+        return "conv_kernel_size > 0 adds a convolution between blocks 0 and 1"
+    return None
 
 
 def _distilbert_block(cfg: PretrainedConfig, block: nn.Module) -> Taps:
@@ -464,6 +471,21 @@ _BERT = Arch("bert", "post_ln", "encoder.layer", _bert_block,
               "ln_final_out": _NO_FINAL}, check=_bert_check,
              notes="post-LN: resid_post is after the block's last LayerNorm; hidden_states[0] = LayerNorm(embed + pos_embed + token type)")
 
+_MPNET = Arch("mpnet", "post_ln", "encoder.layer",
+              lambda cfg, b: _bert_block(cfg, b, attn="attention.attn", qkv=("q", "k", "v"), out="attention.attn.o",
+                                         ln1="attention.LayerNorm"),
+              {"embed": Tap("embeddings.word_embeddings"), "pos_embed": Tap("embeddings.position_embeddings"),
+               "ln_final_out": _NO_FINAL},
+              notes="post-LN like BERT; attn_out is the attention's output projection (relative position bias inside)")
+def _deberta(cfg: PretrainedConfig) -> Arch:
+    pos: Tap | str = Tap("embeddings.position_embeddings") if cfg.position_biased_input else \
+        "positions are relative (disentangled attention); no position embedding is added to the stream"
+    return Arch("deberta_v2", "post_ln", "encoder.layer",
+                lambda c, b: _bert_block(c, b, qkv=("query_proj", "key_proj", "value_proj")),
+                {"embed": Tap("embeddings.word_embeddings"), "pos_embed": pos, "ln_final_out": _NO_FINAL},
+                check=_bert_check, notes="post-LN like BERT; disentangled relative attention")
+
+
 # model_type -> the rules for its config
 ARCHS: dict[str, Callable[[PretrainedConfig], Arch]] = {
     **{t: (lambda cfg: _llama()) for t in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo")},
@@ -491,6 +513,8 @@ ARCHS: dict[str, Callable[[PretrainedConfig], Arch]] = {
     "falcon": _falcon,
     "opt": _opt,
     **{t: (lambda cfg: _BERT) for t in ("bert", "roberta", "xlm-roberta", "electra")},
+    "mpnet": lambda cfg: _MPNET,
+    "deberta-v2": _deberta,
     "distilbert": lambda cfg: Arch("distilbert", "post_ln", "transformer.layer", _distilbert_block,
                                    {"embed": Tap("embeddings.word_embeddings"),
                                     "pos_embed": Tap("embeddings.position_embeddings"), "ln_final_out": _NO_FINAL},
