@@ -36,7 +36,7 @@ def _harvest(out: Path, model_dir: Path, text: Path, sites: list[str], tokens: i
     from innards.data.harvest import HarvestConfig, harvest
 
     cfg = HarvestConfig(model=str(model_dir), site=sites, text=str(text), tokens=tokens, out=str(out),
-                        shard_tokens=4096, context=64, val_fraction=0.1, dtype="fp32")
+                        shard_tokens=4096, context=64, val_fraction=0.1, store_dtype="fp32")
     return harvest(cfg, model=model)
 
 
@@ -289,6 +289,16 @@ def test_auto_learning_rate_follows_the_run_length(store, tmp_path):
     out = train_glp(GLPTrainConfig(acts=str(store), out=str(tmp_path / "a"), depth=1, steps=4, batch_size=64,
                                    checkpoints=1, val_rows=64, progress=False))
     assert GLP.from_pretrained(out).meta["training"]["lr"] == pytest.approx(auto_lr(4))
+
+
+def test_a_run_worse_than_a_gaussian_says_it_is_far_from_converged(store, tmp_path, capsys):
+    slow = train_glp(_cfg(store, tmp_path / "slow", steps=4, lr=1e-6, depth=1, checkpoints=1))
+    tr = GLP.from_pretrained(slow).meta["training"]
+    assert tr["val_loss"] > tr["val_loss_gaussian"] > 0
+    assert "far from converged" in capsys.readouterr().err
+    good = train_glp(_cfg(store, tmp_path / "good", steps=150, lr=3e-3, depth=1, checkpoints=1, log_every=50))
+    tr = GLP.from_pretrained(good).meta["training"]
+    assert tr["val_loss"] < tr["val_loss_gaussian"] and "far from converged" not in capsys.readouterr().err
 
 
 def test_bad_ranges_are_one_line_errors_before_anything_runs(tmp_path, capsys):

@@ -115,3 +115,13 @@ class GaussianFlow:
         quad = (u ** 2 / lam).sum(-1)
         logdet = torch.log(lam).sum() + 2 * torch.log(self.norm_std).sum()
         return (-0.5 * (quad + logdet + self.d * math.log(2 * math.pi))).reshape(acts.shape[:-1])
+
+    def flow_matching_loss(self, acts: torch.Tensor, t: torch.Tensor | float, eps: torch.Tensor) -> torch.Tensor:
+        """The GLP training objective per row with the exact Gaussian velocity: the loss of a model that knows only the mean and covariance."""
+        x = self.normalize(acts.reshape(-1, acts.shape[-1]))
+        tt = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1)
+        e = eps.reshape(x.shape).double().cpu()
+        z = (1 - tt) * x + tt * e
+        coef = (tt - (1 - tt) * self.lam) / ((1 - tt) ** 2 * self.lam + tt ** 2)
+        v = -self.mu + (((z - (1 - tt) * self.mu) @ self.V) * coef) @ self.V.T
+        return (v - (e - x)).pow(2).mean(-1)

@@ -38,10 +38,11 @@ from innards.data.harvest import HarvestConfig
 from innards.data.sources import Source, StoreSource
 from innards.data.stream import StreamExhausted, StreamSource
 from innards.errors import InnardsError
+from innards.glp.gaussian import GaussianFlow
 from innards.glp.model import GLP, GLPConfig
 from innards.io import remove_orphans
 from innards.run import Run, read_run
-from innards.runlog import MetricsLog, read_metrics
+from innards.runlog import MetricsLog
 from innards.runtime import Dist, default_device, init_dist
 from innards.train.checkpoint import flatten_optimizer, has_checkpoint, load_checkpoint, save_checkpoint, unflatten_optimizer
 from innards.train.ema import EMA
@@ -320,10 +321,31 @@ class _ValSet:
                 per.append(glp.flow_matching_loss(self.x[sl], self.t[sl], self.eps[sl],
                                                   self.sid[sl] if self.sid is not None else None))
         glp.train(was)
-        p = torch.cat(per).double()
+        return self._summarise(torch.cat(per))
+
+    def _summarise(self, per: torch.Tensor) -> tuple[float, list[float | None]]:
+        p = per.double().to(self.b.device)
         s = torch.zeros(self.nb, dtype=torch.float64, device=p.device).index_add_(0, self.b, p)
         c = torch.zeros(self.nb, dtype=torch.float64, device=p.device).index_add_(0, self.b, torch.ones_like(p))
         return float(p.mean()), [float(a / b) if b > 0 else None for a, b in zip(s.tolist(), c.tolist())]
+
+    def gaussian_loss(self, glp: GLP) -> float | None:
+        """The same validation loss for the exact flow of a Gaussian with each site's mean and covariance.
+
+        The no-structure prior: a GLP above it has not yet learned even what two moments say.
+        """
+        if self.x is None or self.x.shape[0] < 2:
+            return None
+        sites = [None] if self.sid is None else sorted(set(self.sid.tolist()))
+        per = torch.empty(self.x.shape[0], dtype=torch.float64)
+        for s in sites:
+            m = torch.ones(self.x.shape[0], dtype=torch.bool, device=self.x.device) if s is None else self.sid == s
+            x = self.x[m].cpu()
+            if x.shape[0] < 2:
+                return None
+            flow = GaussianFlow.fit(x, glp, s)
+            per[m.cpu()] = flow.flow_matching_loss(x, self.t[m].cpu(), self.eps[m].cpu())
+        return self._summarise(per)[0]
 
 
 # ----- the trainer ----------------------------------------------------------------------------------
@@ -371,6 +393,7 @@ class GLPTrainer:
             net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
         self.net = net
         self.val = _ValSet(source, cfg, device) if dist.main else None
+        self.val_loss_gaussian = self.val.gaussian_loss(self.glp) if self.val is not None else None
 
     def _total_steps(self) -> int:
         cfg = self.cfg
@@ -390,9 +413,10 @@ class GLPTrainer:
                      and np.isfinite(np.asarray(st["var"], dtype=np.float64)).all() for st in stats.values())
         if finite:
             return stats
-        if not isinstance(self.source, StoreSource):
+        scanned = self.source.scan_nonfinite()
+        if scanned is None:
             raise InnardsError("the activations' statistics are not finite (NaN or inf activations)")
-        self.nonfinite_in_store, clean = self.source.scan_nonfinite()
+        self.nonfinite_in_store, clean = scanned
         if self.cfg.nonfinite == "refuse":
             raise InnardsError(f"the store holds {self.nonfinite_in_store} activation rows with NaN or inf; refusing to "
                                "train on them (--nonfinite skip drops them)")
@@ -461,6 +485,7 @@ class GLPTrainer:
         n = self.glp.n_params
         return {"step": self.step_count, "total_steps": self.total, "activations": self.rows_seen, "n_params": n,
                 "flops": 6.0 * n * self.rows_seen, "train_loss": self.acc.last_loss, "val_loss": self.val_loss,
+                "val_loss_gaussian": self.val_loss_gaussian,
                 "batch_size": self.rows_per_step, "lr": self.optim.lr, "t_dist": self.cfg.t_dist, "ema": self.cfg.ema,
                 "precision": self.precision, "skipped_nonfinite_rows": self.skipped, "world_size": self.dist.world,
                 "data": self.source.identity()}
@@ -488,9 +513,7 @@ class GLPTrainer:
             "acc": self.acc.dump(), "nonfinite_in_store": self.nonfinite_in_store, "val_loss": self.val_loss,
             "stats": {s: {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in st.items()} for s, st in self.stats.items()},
         })
-        after_save = getattr(self.source, "after_save", None)
-        if after_save is not None:  # the stream may now delete shards the saved state no longer needs
-            after_save(position)
+        self.source.after_save(position)  # the stream may now delete shards the saved state no longer needs
 
     def load(self) -> None:
         """Continue exactly from the committed resume state in OUT/resume."""
@@ -617,9 +640,7 @@ def _fit(tr: GLPTrainer, run: Run, resumed: bool) -> bool:
     val_every = cfg.val_every or max(1, min(cfg.log_every, tr.total), tr.total // 20)
     log = MetricsLog(out, wandb_project=cfg.wandb_project, config=_plain(dataclasses.asdict(cfg)),
                      resume_step=tr.step_count if resumed else None, enabled=dist.main)
-    set_hook = getattr(tr.source, "set_commit_hook", None)
-    if set_hook is not None:  # the stream asks for a resume state before it deletes consumed shards
-        set_hook(tr.save)
+    tr.source.set_commit_hook(tr.save)  # the stream asks for a resume state before it deletes consumed shards
     bar = tqdm(total=tr.total, initial=tr.step_count, desc="glp train", unit="step", disable=not (cfg.progress and dist.main))
     clock = {"t": time.perf_counter(), "rows": 0}
 
@@ -641,7 +662,7 @@ def _fit(tr: GLPTrainer, run: Run, resumed: bool) -> bool:
             vloss, vb = tr.evaluate()
             if vloss is not None:
                 tr.val_loss = vloss
-                entry.update(val_loss=vloss, val_loss_t=vb)
+                entry.update(val_loss=vloss, val_loss_t=vb, val_loss_gaussian=tr.val_loss_gaussian)
         if dist.main:
             log.log(step, **entry)
             bar.set_postfix(loss=f"{entry.get('train_loss', float('nan')):.4f}",
@@ -680,18 +701,14 @@ def _fit(tr: GLPTrainer, run: Run, resumed: bool) -> bool:
         log.close()
     if dist.main:
         tr.save_glp(out)
-        _warn_if_unconverged(out)
+        _warn_if_unconverged(tr)
     return True
 
 
-def _warn_if_unconverged(out: Path) -> None:
-    """Say so when the validation loss was still falling fast at the end (more steps or a larger lr would help)."""
-    vals = [(r["step"], r["val_loss"]) for r in read_metrics(out) if r.get("val_loss") is not None]
-    if len(vals) < 4:
-        return
-    last_step, last = vals[-1]
-    earlier = [v for s, v in vals if s <= 0.8 * last_step]
-    if earlier and earlier[-1] - last > 0.05 * last:
-        print(f"innards: warning: the validation loss fell {earlier[-1] - last:.3g} ({100 * (earlier[-1] - last) / last:.0f}%) "
-              f"over the last 20% of the run to {last:.4g}: far from converged; train longer (--tokens/--steps) or "
-              "raise --optim.lr", file=sys.stderr)
+def _warn_if_unconverged(tr: GLPTrainer) -> None:
+    """Say so when the GLP ends worse than the exact Gaussian flow on the same validation rows and noise."""
+    v, g = tr.val_loss, tr.val_loss_gaussian
+    if v is not None and g is not None and v > g:
+        print(f"innards: warning: validation loss {v:.4g} is above the {g:.4g} of the exact flow of a Gaussian with the "
+              f"data's mean and covariance: the GLP is far from converged ({tr.step_count} steps at lr {tr.optim.lr:.3g}); "
+              "train longer (--tokens/--steps) or raise --optim.lr", file=sys.stderr)
