@@ -1,25 +1,53 @@
 """Honest evaluation of a GLP meta-model against held-out activations, the finite-sample floor and baselines.
 
-Fréchet distance (FD) sees only the first two moments, so it is reported next to the two numbers
-that make it readable: the floor (train vs held-out real activations, same N) and a Gaussian with
-the train mean and covariance (which an FD cannot tell from the data).  The classifier two-sample
-test (C2ST AUC, 0.5 = indistinguishable) sees more.  With a model, the delta LM loss measures what
-replacing the site's activations by each reconstruction costs the LM on held-out text.
+Fréchet distance (FD) sees only the first two moments, so it is reported next to the numbers that
+make it readable: the floor (train vs held-out real activations, same N) and a Gaussian with the
+train mean and covariance (which an FD cannot tell from the data). The classifier two-sample test
+(C2ST AUC, 0.5 = indistinguishable) sees more. The delta LM loss measures what replacing the
+site's activations by each reconstruction costs the LM on held-out text.
+
+The "no structure" prior is the exact flow of that Gaussian (:mod:`innards.glp.gaussian`): its
+SDEdit projection is reported beside the GLP's (``fd_gaussian_projection``, ``c2st_auc_gaussian_projection``,
+``delta_lm_gaussian``), so a GLP is credited only for what it knows beyond two moments.
+
+With ``--val-acts`` the held-out set is another store: train vs that store measures a corpus
+shift, not the finite-sample floor. It is then labelled as a shift (``fd_floor_kind``), and the
+within-store floor (train vs the validation documents of ``--acts``) is reported as well
+(``fd_floor_within_store``).
 """
 
 from __future__ import annotations
 
-import io
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from transformers import PreTrainedModel
 
+from innards.config import at_least, require
+from innards.data.store import ActivationStore
 from innards.errors import InnardsError
+from innards.glp.c2st import c2st_auc
+from innards.glp.delta_lm import delta_lm_loss, sequences_from_rows
+from innards.glp.fd import frechet_distance, frechet_distance_from_moments, moments
+from innards.glp.gaussian import GaussianFlow
+from innards.glp.model import GLP
+from innards.glp.projection import ProjectionConfig
+from innards.io import read_json
+from innards.models.config import ModelConfig
+from innards.models.load import load_model
+from innards.run import Run, save_png
+from innards.runtime import default_device
+from innards.sae.load import load_sae
+from innards.sae.model import SparseAutoencoder
+from innards.sae.train import SAETrainConfig, train_sae
+
+Result = dict[str, object]
 
 
 @dataclass
@@ -27,19 +55,21 @@ class EvalConfig:
     """Configuration of ``innards glp eval`` (and of :func:`evaluate_glp`)."""
 
     glp: str | None = None
-    """GLP folder (innards glp train)"""
+    """GLP folder (innards glp train) or hub id"""
     acts: str | None = None
     """activation store the GLP was trained on (train split: floor and baselines; val split: held-out)"""
     out: str = "glp_eval.json"
-    """output JSON file (a PNG and the resolved config are written next to it)"""
-    model: str | None = None
-    """language model for the delta LM loss (must be the one the store was harvested from)"""
+    """output JSON file (a PCA plot, the resolved config and the run record are written next to it)"""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name=""))
+    """language model of the delta LM losses (default: the one recorded in the GLP)"""
+    delta_lm: bool = True
+    """measure the delta LM losses"""
     site: str | None = None
     """site to evaluate (default: the GLP's only site)"""
     n: int = 10000
     """activations per set (held-out, train, GLP samples, Gaussian samples)"""
     sae: str | None = None
-    """SAELens-format SAE folder for the SAE baseline (default: train a TopK SAE on the store)"""
+    """SAELens-format SAE folder or hub id for the SAE baseline (default: train a TopK SAE on the store)"""
     pca_k: int = 32
     """components of the PCA baseline (default 32, the SAE's k: equal active coefficients)"""
     val_acts: str | None = None
@@ -47,13 +77,11 @@ class EvalConfig:
     steps: int = 1000
     """sampler steps for the GLP samples"""
     solver: Literal["euler", "heun"] = "euler"
+    """sampler for the GLP samples"""
     seed: int = 42
-    t_start: float = 0.5
-    """SDEdit start time of the GLP projection (delta LM loss, projection FD)"""
-    project_steps: int = 20
-    """grid points of the projection (exact schedule: project_steps - 1 evaluations)"""
-    project_schedule: Literal["exact", "grid"] = "exact"
-    """exact (paper) or grid (reference code: t = 0.474 for t_start 0.5, 20 steps)"""
+    """seed of the row choice, the samples and the projection noise"""
+    project: ProjectionConfig = field(default_factory=ProjectionConfig)
+    """the SDEdit projection of the delta LM loss and the projection FD (GLP and Gaussian flow alike)"""
     c2st: bool = True
     """run the classifier two-sample tests"""
     lm_docs: int = 256
@@ -61,21 +89,35 @@ class EvalConfig:
     max_len: int = 128
     """tokens per held-out sequence (BOS included) for the delta LM loss"""
     lm_batch_size: int = 16
+    """sequences per forward pass of the delta LM loss"""
     sae_k: int = 32
+    """active latents of the SAE trained when --sae is not given"""
     sae_latents: str = "8*d"
+    """latents of the SAE trained when --sae is not given (a number or an expression of the width d)"""
     sae_tokens: int | None = None
     """activations for the SAE trained when --sae is not given (default: one pass, at most 4M)"""
     train_sae: bool = True
     """train a TopK SAE when --sae is not given (otherwise the SAE baseline is skipped)"""
-    model_dtype: str = "fp32"
-    device: str | None = None
+    restats: str | None = None
+    """activation store whose whole-store statistics replace the GLP's normalisation (see glp/reference.py)"""
     plot: bool = True
+    """write a PCA plot of real vs generated activations"""
+    overwrite: bool = False
+    """replace an evaluation made with other settings"""
     progress: bool = True
+    """show progress bars"""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, str):  # the flat spelling of innards 0.1
+            self.model = ModelConfig(name=self.model)
+        at_least(self, 16, "n")
+        at_least(self, 1, "steps", "pca_k", "lm_docs", "lm_batch_size", "sae_k", "sae_tokens")
+        at_least(self, 2, "max_len")
 
 
 # ----- small pieces ------------------------------------------------------------------------------------
 
-def _rows(store: Any, split: str | None, n: int, seed: int) -> np.ndarray:
+def _rows(store: ActivationStore, split: str | None, n: int, seed: int) -> np.ndarray:
     rows = store.split_rows(split)
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(rows, size=min(n, rows.size), replace=False))
@@ -107,24 +149,16 @@ class PCARecon:
 
 
 def pca_plot(real: torch.Tensor, others: dict[str, torch.Tensor], path: Path, title: str = "") -> Path:
-    """PNG: real vs each generated set on the top-2 principal components of the real set."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from innards.io import atomic_write_bytes
-
+    """PNG: real vs each generated set on the top-2 principal components of the real set (shared axes)."""
     r = real.double()
     mu = r.mean(0)
     _, _, Vh = torch.linalg.svd(r - mu, full_matrices=False)
     P = Vh[:2].T
-    proj = lambda x: ((x.double() - mu) @ P).numpy()  # noqa: E731
-    pr = proj(r)
-    fig, axes = plt.subplots(1, len(others), figsize=(5 * len(others), 4.6), squeeze=False)
+    pr = ((r - mu) @ P).numpy()
+    fig, axes = plt.subplots(1, len(others), figsize=(5 * len(others), 4.6), squeeze=False, sharex=True, sharey=True)
     m = min(len(pr), 5000)
     for ax, (name, x) in zip(axes[0], others.items()):
-        po = proj(x)
+        po = ((x.double() - mu) @ P).numpy()
         ax.scatter(pr[:m, 0], pr[:m, 1], s=2, alpha=0.35, label="real (held-out)", color="tab:blue")
         ax.scatter(po[:m, 0], po[:m, 1], s=2, alpha=0.35, label=name, color="tab:orange")
         ax.set_xlabel("PC 1 (of real)")
@@ -134,14 +168,10 @@ def pca_plot(real: torch.Tensor, others: dict[str, torch.Tensor], path: Path, ti
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_png(path, fig)
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: object) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -149,41 +179,52 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def format_table(res: dict[str, Any]) -> str:
+def format_table(res: Result) -> str:
     """A readable summary table of an evaluation result."""
     lines = [f"GLP evaluation  site={res.get('site')}  n={res.get('n')}  d={res.get('d')}", ""]
-    lines.append(f"{'Fréchet distance (raw scale)':<36}{'value':>12}{'/ floor':>10}")
+    lines.append(f"{'Fréchet distance (raw scale)':<40}{'value':>12}{'/ floor':>10}")
     floor = res.get("fd_floor")
-    for key, label in [("fd_floor", "floor: train vs held-out"), ("fd", "GLP samples"),
-                       ("fd_gaussian", "Gaussian (train mean, cov)"), ("fd_pca", f"PCA-{res.get('pca_k')} reconstruction"),
-                       ("fd_sae", "SAE reconstruction"), ("fd_glp_projection", f"GLP projection (t={res.get('t_start')})")]:
+    shift = res.get("val_acts") is not None
+    t = res.get("t_start")
+    rows = [("fd_floor", "shift: --acts train vs --val-acts" if shift else "floor: train vs held-out")]
+    if shift:
+        rows.append(("fd_floor_within_store", "floor within --acts: train vs val"))
+    rows += [("fd", "GLP samples"), ("fd_gaussian", "Gaussian (train mean, cov)"),
+             ("fd_pca", f"PCA-{res.get('pca_k')} reconstruction"), ("fd_sae", "SAE reconstruction"),
+             ("fd_glp_projection", f"GLP projection (t={t})"), ("fd_gaussian_projection", f"Gaussian-flow projection (t={t})")]
+    for key, label in rows:
         v = res.get(key)
-        ratio = v / floor if isinstance(v, (int, float)) and floor else None
-        lines.append(f"  {label:<34}{_fmt(v):>12}{_fmt(ratio):>10}")
-    if any(k.startswith("c2st_auc") for k in res):
-        lines += ["", f"{'C2ST ROC-AUC (0.5 = indistinguishable)':<36}{'value':>12}"]
-        for key, label in [("c2st_auc_floor", "train vs held-out"), ("c2st_auc_glp", "GLP samples"),
-                           ("c2st_auc_gaussian", "Gaussian"), ("c2st_auc_pca", "PCA reconstruction"),
-                           ("c2st_auc_sae", "SAE reconstruction")]:
-            if key in res:
-                lines.append(f"  {label:<34}{_fmt(res[key]):>12}")
+        ratio = v / floor if isinstance(v, (int, float)) and isinstance(floor, (int, float)) and floor else None
+        lines.append(f"  {label:<38}{_fmt(v):>12}{_fmt(ratio):>10}")
+    if any(k.startswith("c2st_auc") and res[k] is not None for k in res):
+        lines += ["", f"{'C2ST ROC-AUC (0.5 = indistinguishable)':<40}{'value':>12}"]
+        for key, label in [("c2st_auc_floor", "train vs held-out"), ("c2st_auc_floor_within_store", "train vs val of --acts"),
+                           ("c2st_auc_glp", "GLP samples"), ("c2st_auc_gaussian", "Gaussian"),
+                           ("c2st_auc_pca", "PCA reconstruction"), ("c2st_auc_sae", "SAE reconstruction"),
+                           ("c2st_auc_glp_projection", "GLP projection"),
+                           ("c2st_auc_gaussian_projection", "Gaussian-flow projection")]:
+            if res.get(key) is not None:
+                lines.append(f"  {label:<38}{_fmt(res[key]):>12}")
     if res.get("lm_loss_clean") is not None:
-        lines += ["", f"{'delta LM loss (non-pad tokens)':<36}{'value':>12}{'+- se':>10}{'padded':>10}",
-                  f"  {'clean LM loss':<34}{_fmt(res['lm_loss_clean']):>12}"]
-        for name in ("glp", "sae", "pca", "mean"):
+        lines += ["", f"{'delta LM loss (non-pad tokens)':<40}{'value':>12}{'+- se':>10}{'padded':>10}",
+                  f"  {'clean LM loss':<38}{_fmt(res['lm_loss_clean']):>12}"]
+        for name, label in (("glp", "GLP projection"), ("gaussian", "Gaussian-flow projection"), ("sae", "SAE"),
+                            ("pca", "PCA"), ("mean", "mean")):
             if res.get(f"delta_lm_{name}") is not None:
-                lines.append(f"  {name:<34}{_fmt(res[f'delta_lm_{name}']):>12}{_fmt(res.get(f'delta_lm_{name}_se')):>10}"
+                lines.append(f"  {label:<38}{_fmt(res[f'delta_lm_{name}']):>12}{_fmt(res.get(f'delta_lm_{name}_se')):>10}"
                              f"{_fmt(res.get(f'delta_lm_{name}_padded')):>10}")
+    sae = res.get("sae")
+    if isinstance(sae, dict) and sae.get("val_fvu") is not None:
+        lines += ["", f"SAE on the held-out set: FVU {_fmt(sae['val_fvu'])}, L0 {_fmt(sae.get('val_l0'))}, "
+                      f"dead {_fmt(sae.get('val_dead_fraction'))}"]
     if res.get("notes"):
-        lines += [""] + [f"note: {n}" for n in res["notes"]]
+        lines += [""] + [f"note: {n}" for n in res["notes"]]  # type: ignore[union-attr]
     return "\n".join(lines)
 
 
 # ----- the evaluation ---------------------------------------------------------------------------------
 
-def _open_store(path: str | None, what: str) -> Any:
-    from innards.data.store import ActivationStore
-
+def _open_store(path: str | None, what: str) -> ActivationStore:
     if not path:
         raise InnardsError(f"give --{what} DIR (an activation store)")
     if not Path(path).exists():
@@ -191,7 +232,7 @@ def _open_store(path: str | None, what: str) -> Any:
     return ActivationStore(path)
 
 
-def _check_store(glp: Any, store: Any, site: str, what: str) -> None:
+def _check_store(glp: GLP, store: ActivationStore, site: str, what: str) -> None:
     if site not in store.sites:
         raise InnardsError(f"the GLP models site '{site}', which is not in the {what} store {store.path} "
                            f"(it has {', '.join(store.sites)})")
@@ -202,40 +243,35 @@ def _check_store(glp: Any, store: Any, site: str, what: str) -> None:
         raise InnardsError(f"the GLP models width {glp.config.d_in}, the {what} store has width {store.width(site)}")
 
 
-def _quick_sae(cfg: EvalConfig, site: str, out_json: Path) -> Path:
-    from innards.sae.train import SAETrainConfig, train_sae
-
-    store = _open_store(cfg.acts, "acts")
+def _quick_sae(cfg: EvalConfig, site: str, store: ActivationStore, out_json: Path) -> Path:
     n_train = len(store.split_rows("train"))
     tokens = cfg.sae_tokens if cfg.sae_tokens is not None else min(n_train, 4_000_000)
     out = out_json.with_name(out_json.stem + "_sae")
     return train_sae(SAETrainConfig(acts=cfg.acts, out=str(out), site=site, k=cfg.sae_k, latents=cfg.sae_latents,
                                     # small budgets get small batches, so the SAE still takes hundreds of steps
                                     tokens=tokens, batch_size=max(64, min(4096, n_train, tokens // 500)),
-                                    seed=cfg.seed, device=cfg.device,
-                                    overwrite=True, progress=cfg.progress))
+                                    seed=cfg.seed, device=cfg.model.device, overwrite=True, progress=cfg.progress))
 
 
-def evaluate_glp(cfg: EvalConfig) -> dict[str, Any]:
+@torch.no_grad()
+def sae_heldout_metrics(sae: SparseAutoencoder, x: torch.Tensor) -> dict[str, float | int]:
+    """FVU, mean L0 and never-firing fraction of an SAE on the held-out rows ``x`` the evaluation uses."""
+    z = torch.cat([sae.encode(x[i:i + 4096]) for i in range(0, x.shape[0], 4096)])
+    recon = torch.cat([sae.reconstruct(x[i:i + 4096]) for i in range(0, x.shape[0], 4096)])
+    fvu = float((recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
+    return {"val_fvu": fvu, "val_l0": float((z > 0).sum(-1).float().mean()),
+            "val_dead_fraction": float((~(z > 0).any(0)).float().mean()), "val_rows": int(x.shape[0])}
+
+
+def evaluate_glp(cfg: EvalConfig) -> Result:
     """Run the evaluation, print a table, write the JSON (and a PCA plot) to ``cfg.out``; returns the result."""
-    from innards.config import save_config
-    from innards.glp.c2st import c2st_auc
-    from innards.glp.fd import frechet_distance, frechet_distance_from_moments, moments
-    from innards.glp.model import GLP
-    from innards.io import write_json
-    from innards.runtime import default_device
-
     if not cfg.glp:
         raise InnardsError("give --glp DIR (a GLP folder)")
-    if cfg.n < 16:
-        raise InnardsError(f"-n must be at least 16, got {cfg.n}")
-    if cfg.steps < 1 or cfg.project_steps < 1:
-        raise InnardsError("--steps and --project-steps must be at least 1")
     out = Path(cfg.out)
     if out.suffix.lower() != ".json":
         raise InnardsError(f"--out must name a .json file, got {out}")
-    device = default_device(cfg.device)
-    glp = GLP.from_pretrained(cfg.glp, device=device)
+    device = default_device(cfg.model.device)
+    glp = GLP.from_pretrained(cfg.glp, device=device, restats=cfg.restats)
     sites = glp.meta.get("sites") or []
     site = cfg.site or (sites[0] if len(sites) == 1 else None)
     if site is None:
@@ -248,7 +284,37 @@ def evaluate_glp(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.val_acts:
         vstore, vsplit = _open_store(cfg.val_acts, "val-acts"), None
         _check_store(glp, vstore, site, "--val-acts")
+    with Run.open(out, "eval", cfg, file=True, overwrite=cfg.overwrite, free={"plot"},
+                  inputs={"glp": cfg.glp, "acts": cfg.acts, "val_acts": cfg.val_acts, "sae": cfg.sae,
+                          "restats": cfg.restats}) as run:
+        if run.state == "complete":
+            run.say_complete()
+            return read_json(out, what="evaluation")
+        res = _evaluate(cfg, glp, site, store, vstore, vsplit, device, out)
+        outputs = [out.name]
+        if cfg.plot:
+            sets = {"GLP samples": res.pop("_samples"), "Gaussian": res.pop("_gauss")}
+            png = pca_plot(res.pop("_x_val"), sets, out.with_name(out.stem + "_pca.png"),
+                           title=f"{res['model']} {site}: FD GLP {_fmt(res['fd'])}, Gaussian {_fmt(res['fd_gaussian'])}, "
+                                 f"floor {_fmt(res['fd_floor'])}; C2ST AUC GLP {_fmt(res.get('c2st_auc_glp'))}, "
+                                 f"Gaussian {_fmt(res.get('c2st_auc_gaussian'))}")
+            res["plot"] = str(png)
+            outputs.append(png.name)
+        for k in ("_samples", "_gauss", "_x_val"):
+            res.pop(k, None)
+        run.write_json(out.name, res)
+        run.complete(headline={k: res[k] for k in ("fd", "fd_floor", "fd_gaussian", "c2st_auc_glp", "delta_lm_glp",
+                                                   "delta_lm_gaussian") if isinstance(res.get(k), (int, float))},
+                     outputs=outputs)
+        print(format_table(res))
+        print(f"wrote {out}")
+        return res
+
+
+def _evaluate(cfg: EvalConfig, glp: GLP, site: str, store: ActivationStore, vstore: ActivationStore, vsplit: str | None,
+              device: torch.device, out: Path) -> Result:
     d = glp.config.d_in
+    pj = cfg.project
     notes: list[str] = []
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -273,27 +339,34 @@ def evaluate_glp(cfg: EvalConfig) -> dict[str, Any]:
             raise InnardsError(f"the {name} activations hold NaN or inf values")
     mu_v, S_v = moments(x_val)
     mu_t, S_t = moments(x_train)
+    x_within = None
+    if vsplit is None:  # a separate held-out store: the store's own validation rows give the within-store floor
+        try:
+            w_idx = _rows(store, "val", n, cfg.seed)
+            x_within = store.rows(w_idx, site=site).float() if len(w_idx) >= 16 else None
+        except InnardsError:
+            x_within = None
+        if x_within is None:
+            notes.append("--acts has no validation split: no within-store floor")
     tick("load")
 
     # ---- generated and reconstructed sets
-    samples = glp.sample(n, steps=cfg.steps, solver=cfg.solver, seed=cfg.seed, site=site,
-                         progress=cfg.progress).cpu().float()
+    samples = glp.sample(n, steps=cfg.steps, solver=cfg.solver, seed=cfg.seed, site=site, progress=cfg.progress).cpu().float()
     tick("glp_sample")
     gauss = gaussian_samples(mu_t, S_t, n, cfg.seed + 2)
+    gflow = GaussianFlow(mu_t, S_t, glp.norm_mean[glp.site_index(site)].double().cpu().numpy(),
+                         glp.norm_std[glp.site_index(site)].double().cpu().numpy())
     pca = PCARecon(mu_t, S_t, cfg.pca_k)
     if pca.k >= d:
         notes.append(f"--pca-k {cfg.pca_k} >= width {d}: the PCA baseline is the identity")
     x_pca = pca(x_val)
-    x_proj = glp.project(x_val.to(device), t_start=cfg.t_start, steps=cfg.project_steps, schedule=cfg.project_schedule,
-                         seed=cfg.seed + 3, site=site).cpu().float()
+    x_proj = glp.project(x_val.to(device), **pj.kwargs(), seed=cfg.seed + 3, site=site).cpu().float()
+    x_gproj = gflow.project(x_val, t_start=pj.t_start, steps=pj.steps, schedule=pj.schedule, seed=cfg.seed + 3).float()
     tick("baselines")
 
     sae, sae_info, x_sae = None, None, None
     if cfg.sae or cfg.train_sae:
-        from innards.sae.load import load_sae
-        from innards.sae.train import evaluate_sae
-
-        sae_dir = Path(cfg.sae) if cfg.sae else _quick_sae(cfg, site, out)
+        sae_dir = cfg.sae or str(_quick_sae(cfg, site, store, out))
         sae = load_sae(sae_dir)
         if sae.d_in != d:
             raise InnardsError(f"the SAE in {sae_dir} has width {sae.d_in}, the site has {d}")
@@ -301,24 +374,26 @@ def evaluate_glp(cfg: EvalConfig) -> dict[str, Any]:
         if trained_on and trained_on != site:
             notes.append(f"the SAE was trained on '{trained_on}', evaluated here on '{site}'")
         x_sae = torch.cat([sae.reconstruct(x_val[i:i + 4096]) for i in range(0, n, 4096)]).float()
+        # the SAE's error on the held-out set in use, whichever it is (--val-acts too)
         sae_info = {"path": str(sae_dir), "architecture": sae.architecture, "k": sae.k, "d_sae": sae.d_sae,
-                    "trained_here": not cfg.sae}
-        if vsplit == "val":
-            sae_info.update(evaluate_sae(sae, store, site, n, cfg.seed))
+                    "trained_here": not cfg.sae, **sae_heldout_metrics(sae, x_val)}
         tick("sae")
     else:
         notes.append("fd_sae/delta_lm_sae: no SAE given and --no-train-sae")
 
-    res: dict[str, Any] = {
-        "glp": str(Path(cfg.glp).resolve()), "acts": str(Path(cfg.acts).resolve()),
+    model_rec = glp.meta.get("model")
+    res: Result = {
+        "glp": str(Path(cfg.glp).resolve()) if Path(cfg.glp).exists() else cfg.glp,  # type: ignore[arg-type]
+        "acts": str(Path(cfg.acts).resolve()),  # type: ignore[arg-type]
         "val_acts": str(Path(cfg.val_acts).resolve()) if cfg.val_acts else None,
         "heldout": "val_acts store (all rows)" if cfg.val_acts else "validation documents of --acts",
-        "model": (glp.meta.get("model") or {}).get("name") if isinstance(glp.meta.get("model"), dict) else glp.meta.get("model"),
+        "model": model_rec.get("name") if isinstance(model_rec, dict) else model_rec,
         "site": site, "d": d, "n": n, "steps": cfg.steps, "solver": cfg.solver, "seed": cfg.seed,
         "glp_n_params": glp.n_params, "glp_training": {k: glp.meta.get("training", {}).get(k)
                                                        for k in ("activations", "val_loss", "train_loss", "step", "flops")},
-        "pca_k": pca.k, "pca_explained_variance": pca.explained, "t_start": cfg.t_start,
-        "project_steps": cfg.project_steps, "project_schedule": cfg.project_schedule,
+        "pca_k": pca.k, "pca_explained_variance": pca.explained, "t_start": pj.t_start,
+        "project_steps": pj.steps, "project_schedule": pj.schedule, "project_solver": pj.solver,
+        "restats": cfg.restats,
     }
     # ---- Fréchet distances (held-out is always the reference set)
     bad = int((~torch.isfinite(samples).all(-1)).sum())
@@ -327,63 +402,75 @@ def evaluate_glp(cfg: EvalConfig) -> dict[str, Any]:
         notes.append(f"{bad} of {n} GLP samples hold NaN/inf: fd and c2st_auc_glp are not defined")
     res["fd"] = frechet_distance_from_moments(*moments(samples), mu_v, S_v) if not bad else None
     res["fd_floor"] = frechet_distance_from_moments(mu_t, S_t, mu_v, S_v)
+    res["fd_floor_kind"] = ("corpus shift: train rows of --acts vs the --val-acts store, not a finite-sample floor"
+                            if cfg.val_acts else "finite-sample floor: train vs validation documents of --acts")
+    res["fd_floor_within_store"] = (frechet_distance(x_train, x_within) if x_within is not None
+                                    else (res["fd_floor"] if not cfg.val_acts else None))
     res["fd_gaussian"] = frechet_distance(gauss, x_val)
     res["fd_pca"] = frechet_distance(x_pca, x_val)
     res["fd_sae"] = frechet_distance(x_sae, x_val) if x_sae is not None else None
     if x_sae is None:
         res["fd_sae_reason"] = "no SAE given (--sae) and SAE training switched off (--no-train-sae)"
     res["fd_glp_projection"] = frechet_distance(x_proj, x_val) if torch.isfinite(x_proj).all() else None
+    res["fd_gaussian_projection"] = frechet_distance(x_gproj, x_val)
     res["sae"] = sae_info
     tick("fd")
     # ---- classifier two-sample tests
     if cfg.c2st:
         res["c2st_auc_floor"] = c2st_auc(x_val, x_train, seed=cfg.seed)
+        if cfg.val_acts:
+            res["c2st_auc_floor_within_store"] = c2st_auc(x_within, x_train, seed=cfg.seed) if x_within is not None else None
         res["c2st_auc_glp"] = c2st_auc(x_val, samples, seed=cfg.seed) if not bad else None
         res["c2st_auc_gaussian"] = c2st_auc(x_val, gauss, seed=cfg.seed)
         res["c2st_auc_pca"] = c2st_auc(x_val, x_pca, seed=cfg.seed)
+        res["c2st_auc_glp_projection"] = c2st_auc(x_val, x_proj, seed=cfg.seed) if res["fd_glp_projection"] is not None else None
+        res["c2st_auc_gaussian_projection"] = c2st_auc(x_val, x_gproj, seed=cfg.seed)
         if x_sae is not None:
             res["c2st_auc_sae"] = c2st_auc(x_val, x_sae, seed=cfg.seed)
         tick("c2st")
     else:
         res["c2st_auc_glp"] = res["c2st_auc_gaussian"] = None
     # ---- delta LM loss
-    for key in ("lm_loss_clean", "delta_lm_glp", "delta_lm_sae", "delta_lm_pca", "delta_lm_mean"):
+    for key in ("lm_loss_clean", "delta_lm_glp", "delta_lm_gaussian", "delta_lm_sae", "delta_lm_pca", "delta_lm_mean"):
         res[key] = None
-    if cfg.model:
-        res.update(_delta_lm(cfg, glp, site, store, vstore, vsplit, sae, pca, device, notes))
+    res["delta_lm_model"] = None
+    if cfg.delta_lm:
+        res.update(_delta_lm(cfg, glp, gflow, site, store, vstore, vsplit, sae, pca, device, notes))
         tick("delta_lm")
     else:
-        notes.append("delta LM losses need --model")
+        notes.append("delta LM losses switched off (--no-delta-lm)")
     res["notes"] = notes
     res["seconds"] = timing
-    # ---- outputs
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if cfg.plot:
-        sets = {"GLP samples": samples[torch.isfinite(samples).all(-1)], "Gaussian": gauss}
-        png = pca_plot(x_val, sets, out.with_name(out.stem + "_pca.png"),
-                       title=f"{res['model']} {site}: FD GLP {_fmt(res['fd'])}, Gaussian {_fmt(res['fd_gaussian'])}, "
-                             f"floor {_fmt(res['fd_floor'])}")
-        res["plot"] = str(png)
-    write_json(out, res)
-    save_config(cfg, out.parent, name=out.stem + ".config.yaml")
-    print(format_table(res))
-    print(f"wrote {out}")
+    res["_samples"], res["_gauss"], res["_x_val"] = samples[torch.isfinite(samples).all(-1)], gauss, x_val
     return res
 
 
-def _delta_lm(cfg: EvalConfig, glp: Any, site: str, store: Any, vstore: Any, vsplit: str | None, sae: Any,
-              pca: PCARecon, device: torch.device, notes: list[str]) -> dict[str, Any]:
-    from innards.glp.delta_lm import delta_lm_loss, sequences_from_rows
-    from innards.models.load import load_model
+def _lm(cfg: EvalConfig, glp: GLP, device: torch.device, notes: list[str]) -> tuple[PreTrainedModel | None, str | None]:
+    """The model of the delta LM loss: --model, else the GLP's own (a note, not an error, when it cannot be loaded)."""
+    name = cfg.model.name or glp.source_model
+    if not name:
+        notes.append("delta LM losses need a model: the GLP records none, pass --model")
+        return None, None
+    kw = {"dtype": cfg.model.dtype, "device": str(device) if cfg.model.device else None, "revision": cfg.model.revision}
+    if cfg.model.name:
+        return load_model(name, **kw), name
+    try:
+        return load_model(name, **kw), name
+    except InnardsError as e:
+        notes.append(f"delta LM losses skipped: the GLP's recorded model '{name}' cannot be loaded ({e}); pass --model")
+        return None, None
 
-    model = load_model(cfg.model, dtype=cfg.model_dtype, device=str(device) if cfg.device else None)
+
+def _delta_lm(cfg: EvalConfig, glp: GLP, gflow: GaussianFlow, site: str, store: ActivationStore, vstore: ActivationStore,
+              vsplit: str | None, sae: SparseAutoencoder | None, pca: PCARecon, device: torch.device,
+              notes: list[str]) -> Result:
+    model, name = _lm(cfg, glp, device, notes)
+    if model is None:
+        return {}
     width = store.width(site)
     glp.check_compatible(model, site, width)
-    if not hasattr(model, "lm_head") and not hasattr(model, "get_output_embeddings"):
-        notes.append("delta LM losses need a language model with an LM head")
-        return {}
     if model.get_output_embeddings() is None:
-        notes.append(f"{cfg.model} has no LM head: no delta LM loss")
+        notes.append(f"{name} has no LM head: no delta LM loss")
         return {}
     tok = model.tokenizer
     bos = tok.bos_token_id
@@ -395,18 +482,25 @@ def _delta_lm(cfg: EvalConfig, glp: Any, site: str, store: Any, vstore: Any, vsp
         notes.append("no held-out document with at least 2 tokens: no delta LM loss")
         return {}
     mean = torch.as_tensor(store.stats(site)["mean"], dtype=torch.float32)
-    calls = {"n": 0}
+    pj = cfg.project
+    calls = {"glp": 0, "gaussian": 0}
 
     def glp_fn(x: torch.Tensor) -> torch.Tensor:
-        calls["n"] += 1  # fresh, reproducible noise for every batch
-        return glp.project(x.float(), t_start=cfg.t_start, steps=cfg.project_steps, schedule=cfg.project_schedule,
-                           seed=cfg.seed + 1000 + calls["n"], site=site)
+        calls["glp"] += 1  # fresh, reproducible noise for every batch
+        return glp.project(x.float(), **pj.kwargs(), seed=cfg.seed + 1000 + calls["glp"], site=site)
 
-    reps = {"glp": glp_fn, "pca": pca, "mean": lambda x: mean.to(x.device, x.dtype).expand_as(x)}
+    def gauss_fn(x: torch.Tensor) -> torch.Tensor:
+        calls["gaussian"] += 1
+        return gflow.project(x.float(), t_start=pj.t_start, steps=pj.steps, schedule=pj.schedule,
+                             seed=cfg.seed + 1000 + calls["gaussian"])
+
+    reps = {"glp": glp_fn, "gaussian": gauss_fn, "pca": pca, "mean": lambda x: mean.to(x.device, x.dtype).expand_as(x)}
     if sae is not None:
         reps["sae"] = sae.reconstruct
     res = delta_lm_loss(model, site, seqs, reps, bos_id=bos, pad_id=pad, batch_size=cfg.lm_batch_size,
                         max_len=cfg.max_len, progress=cfg.progress)
+    res["delta_lm_model"] = name
     res["delta_lm_note"] = ("mean over non-pad next-token predictions; *_padded: reference-compatible per-document "
-                            f"mean over max_len - 1 = {cfg.max_len - 1} predictions with pad counted as 0")
+                            f"mean over max_len - 1 = {cfg.max_len - 1} predictions with pad counted as 0; gaussian: "
+                            "SDEdit with the exact flow of a Gaussian with the train mean and covariance")
     return res

@@ -283,6 +283,15 @@ class GLP(nn.Module):
         return f"GLP({', '.join(parts)})"
 
     @property
+    def source_model(self) -> str | None:
+        """The model this GLP was trained on, as recorded: its folder when it still exists, else its name."""
+        src = self.meta.get("model")
+        if not isinstance(src, dict):
+            return src
+        path = src.get("path")
+        return path if path and Path(path).exists() else src.get("name")
+
+    @property
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

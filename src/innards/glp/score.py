@@ -232,12 +232,6 @@ class ScoreConfig:
         at_least(self, 2, "context")
 
 
-def recorded_model(glp: GLP) -> str | None:
-    """The name of the model a GLP was trained on, as recorded in it."""
-    src = glp.meta.get("model")
-    return (src.get("path") or src.get("name")) if isinstance(src, dict) else src
-
-
 def score_tokens(glp: GLP, acts: torch.Tensor, site: str | None, cfg: ScoreConfig) -> dict[str, torch.Tensor]:
     """The per-token scores of ``cfg`` for rows of activations: denoise (mean), denoise_t, and loglik when asked."""
     dn = denoising_scores(glp, acts, cfg.n_t, cfg.seed, site).float().cpu()
@@ -252,7 +246,7 @@ def score_text(cfg: ScoreConfig) -> Path:
     require(bool(cfg.glp), "give --glp DIR (a GLP folder or hub id)")
     require(bool(cfg.text), "give --text SRC")
     glp = GLP.from_pretrained(cfg.glp, restats=cfg.restats)
-    name = cfg.model.name or recorded_model(glp)
+    name = cfg.model.name or glp.source_model
     if not name:
         raise InnardsError("the GLP does not record its model: pass --model")
     with Run.open(cfg.out, "score", cfg, inputs={"glp": cfg.glp, "model": name, "text": cfg.text, "restats": cfg.restats},
