@@ -222,5 +222,7 @@ def test_edit_functions_may_take_the_site_as_transformerlens_hooks_do(models):
         with capture(model, ["blocks.0.mlp_out"]) as c:
             out = model(input_ids=ids, attention_mask=mask).logits
     assert got["blocks.0.mlp_out"].tl_name == "blocks.0.hook_mlp_out" and got["kw"].name == "blocks.1.resid_post"
+    with edit(model, {"blocks.1.resid_post": torch.nn.Identity()}):  # a module edits with its forward(act)
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref)
     assert torch.all(c["blocks.0.mlp_out"] == 0) and not torch.allclose(out, ref)
     assert _hook_count(model) == 0

@@ -45,7 +45,8 @@ class _StopForward(Exception):
 def _site_arg(fn: EditFn) -> Literal["", "positional", "keyword"]:
     """How ``fn`` takes the Site, if at all: as a second positional argument or as ``hook=``."""
     try:
-        params = list(inspect.signature(fn).parameters.values())
+        # a module's __call__ takes *args; what it accepts is its forward's signature
+        params = list(inspect.signature(fn.forward if isinstance(fn, nn.Module) else fn).parameters.values())
     except (TypeError, ValueError):
         return ""
     pos = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]

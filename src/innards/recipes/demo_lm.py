@@ -29,6 +29,7 @@ import os
 import platform
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -606,7 +607,9 @@ def _train(cfg: DemoLMConfig, run: Run, resumed: bool) -> Path:
     t_last = time.time()
     bar = tqdm(total=budget.total_steps, initial=state["step"], desc="demo-lm", unit="step", dynamic_ncols=True)
     stopping = {"flag": False}
-    old_term = signal.signal(signal.SIGTERM, lambda *_: stopping.update(flag=True))
+    # SIGTERM pauses with a checkpoint (signal handlers can only be set from the main thread)
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, lambda *_: stopping.update(flag=True)) if main_thread else None
     window_tok, window_t = 0, time.time()
     try:
         while budget.progress(state["step"], state["elapsed"]) < 1.0 and not stopping["flag"]:
@@ -647,7 +650,8 @@ def _train(cfg: DemoLMConfig, run: Run, resumed: bool) -> Path:
         raise
     finally:
         bar.close()
-        signal.signal(signal.SIGTERM, old_term)
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_term)
     checkpoint()
     if stopping["flag"] or budget.progress(state["step"], state["elapsed"]) < 1.0:
         print(f"demo-lm: paused at step {state['step']}; continue with --resume", flush=True)
