@@ -91,3 +91,26 @@ def test_glp_neurons_bad_input(env, capsys):
     assert "site" in capsys.readouterr().err
     assert cli(["glp", "neurons", "--glp", str(tmp / "nothere"), "--text", str(tmp / "docs.txt")]) == 2
     assert not (tmp / "bad").exists()
+
+
+def test_glp_neurons_is_a_run_folder_and_keeps_old_flags(env, capsys):
+    from innards.cli.glp_neurons import ALIASES
+    from innards.config import parse
+    from innards.glp.neurons import NeuronsConfig
+
+    d, model, tmp = env
+    out = tmp / "out3"
+    args = ["glp", "neurons", "--glp", str(tmp / "glp"), "--text", str(tmp / "docs.txt"), "--neuron", "0:1",
+            "--top", "2", "--max-docs", "4", "--out", str(out)]
+    assert cli(args) == 0
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["kind"] == "neurons" and rec["status"] == "complete" and "neurons.html" in rec["outputs"]
+    stamp = (out / "neurons.json").stat().st_mtime_ns
+    assert cli(args) == 0 and (out / "neurons.json").stat().st_mtime_ns == stamp
+    assert "already complete" in capsys.readouterr().err
+    assert cli(args + ["--t", "0.3"]) == 2  # other settings are refused without --overwrite
+    cfg = parse(NeuronsConfig, ["--model", "m", "--dtype", "bf16", "--device", "cpu", "--t", "0.2"], prog="t", aliases=ALIASES)
+    assert (cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.t) == ("m", "bf16", "cpu", 0.2)
+    for bad in (["--t", "2"], ["--top", "0"], ["--context", "1"]):
+        with pytest.raises(InnardsError):
+            parse(NeuronsConfig, bad, prog="t", aliases=ALIASES)

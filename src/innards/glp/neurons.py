@@ -12,14 +12,25 @@ from __future__ import annotations
 import html
 import itertools
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from innards.config import at_least, require, within
+from innards.data.text import Document, framing, iter_chunks, iter_documents, make_batch, open_text
 from innards.errors import InnardsError
+from innards.glp.model import GLP
+from innards.io import atomic_write_bytes
+from innards.models.config import ModelConfig
+from innards.models.hooks import run_with_cache
+from innards.models.load import load_model
+from innards.models.sites import resolve_site
+from innards.run import Run
 
 
 @dataclass
@@ -27,10 +38,11 @@ class NeuronsConfig:
     """``innards glp neurons``: top-activating contexts of (selected) meta-neurons."""
 
     glp: str = ""
-    """GLP folder"""
-    model: str | None = None
-    """model the GLP was trained on (default: the one recorded in the GLP)"""
+    """GLP folder or hub id"""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name=""))
+    """the language model the GLP was trained on (default: the one recorded in the GLP)"""
     site: str | None = None
+    """site (default: the GLP's only site)"""
     text: str = ""
     """text source: file, folder, hf:NAME[:SPLIT] (see innards.data.text)"""
     neuron: list[str] = field(default_factory=list)
@@ -44,16 +56,31 @@ class NeuronsConfig:
     t: float = 0.1
     """noise level of the meta-neuron pass (paper: 0.1)"""
     seed: int = 0
+    """seed of the noise (batch i uses seed + i)"""
     batch_size: int = 32
+    """documents per forward pass"""
     highlight: float = 0.4
     """emphasise tokens at >= this fraction of the context's maximum"""
     page_top: int = 10
     """contexts per neuron shown on the HTML/Markdown pages (JSON keeps --top)"""
-    text_split: str = "blank"
+    text_split: Literal["blank", "line", "formfeed", "file"] = "blank"
+    """how .txt files split into documents"""
     text_field: str = "text"
-    dtype: str = "fp32"
-    device: str | None = None
+    """JSON / dataset field or CSV column holding the text"""
+    restats: str | None = None
+    """activation store whose whole-store statistics replace the GLP's normalisation (see glp/reference.py)"""
     out: str = "glp-neurons"
+    """output folder: neurons.json, neurons.md, neurons.html"""
+    overwrite: bool = False
+    """replace a neurons run made with other settings"""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, str):  # the flat spelling of innards 0.1
+            self.model = ModelConfig(name=self.model)
+        at_least(self, 1, "top", "max_docs", "batch_size", "page_top")
+        at_least(self, 2, "context")
+        within(self, "t", 0.0, 1.0)
+        within(self, "highlight", 0.0, 1.0)
 
 
 def parse_neurons(specs: list[str], n_blocks: int, d_mlp: int) -> list[tuple[int, int]]:
@@ -94,13 +121,10 @@ class TopContexts:
 
 
 @torch.no_grad()
-def top_contexts(glp: Any, model: Any, site: str, docs: Any, neurons: list[tuple[int, int]], top: int = 20,
+def top_contexts(glp: GLP, model: PreTrainedModel, site: str, docs: Iterable[Document], neurons: list[tuple[int, int]], top: int = 20,
                  context: int = 64, t: float = 0.1, seed: int = 0, batch_size: int = 32,
                  max_docs: int | None = None) -> dict:
     """Run the corpus through model and GLP; return the per-neuron top contexts and the contexts' tokens."""
-    from innards.data.text import framing, iter_chunks, make_batch
-    from innards.models.hooks import run_with_cache
-
     d_mlp = glp.config.d_mlp
     cols = torch.tensor([b * d_mlp + i for b, i in neurons], dtype=torch.long)
     tracker = TopContexts(len(neurons), top, context)
@@ -108,7 +132,7 @@ def top_contexts(glp: Any, model: Any, site: str, docs: Any, neurons: list[tuple
     device = next(model.parameters()).device
     doc_ids: dict[int, str] = {}
 
-    def numbered() -> Any:
+    def numbered() -> Iterator[tuple[int, Document]]:
         for i, d in enumerate(itertools.islice(docs, max_docs)):
             doc_ids[i] = d.id
             yield i, d
@@ -146,11 +170,11 @@ def top_contexts(glp: Any, model: Any, site: str, docs: Any, neurons: list[tuple
             "n_contexts": len(contexts)}
 
 
-def _token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
+def _token_strings(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str]:
     return [tokenizer.decode([i]) for i in ids]
 
 
-def build_report(found: dict, neurons: list[tuple[int, int]], tokenizer: Any) -> tuple[list[dict], dict[str, dict]]:
+def build_report(found: dict, neurons: list[tuple[int, int]], tokenizer: PreTrainedTokenizerBase) -> tuple[list[dict], dict[str, dict]]:
     """(neurons, contexts): per neuron its examples in descending order; each context's tokens stored once."""
     tr: TopContexts = found["tracker"]
     out = []
@@ -262,51 +286,40 @@ def render_html(report: list[dict], contexts: dict[str, dict], header: dict, hig
 
 def glp_neurons(cfg: NeuronsConfig) -> Path:
     """Load GLP and model, find every selected meta-neuron's top contexts, write JSON, HTML and Markdown."""
-    from innards.config import save_config
-    from innards.data.text import iter_documents, open_text
-    from innards.glp.model import GLP
-    from innards.io import atomic_write_bytes, write_json
-    from innards.models.load import load_model
-    from innards.models.sites import resolve_site
-
-    if not cfg.glp:
-        raise InnardsError("--glp is required")
-    if not cfg.text:
-        raise InnardsError("--text is required")
-    for name in ("top", "max_docs", "context", "batch_size", "page_top"):
-        if getattr(cfg, name) < 1:
-            raise InnardsError(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0.0 <= cfg.t <= 1.0:
-        raise InnardsError(f"--t must be in [0, 1], got {cfg.t}")
-    glp = GLP.from_pretrained(cfg.glp)
+    require(bool(cfg.glp), "--glp is required")
+    require(bool(cfg.text), "--text is required")
+    glp = GLP.from_pretrained(cfg.glp, restats=cfg.restats)
     neurons = parse_neurons(cfg.neuron, glp.config.n_blocks, glp.config.d_mlp)
-    src = glp.meta.get("model")
-    model_name = cfg.model or (src.get("name") if isinstance(src, dict) else src)
+    model_name = cfg.model.name or glp.source_model
     if not model_name:
         raise InnardsError("the GLP does not record its model: pass --model")
-    model = load_model(model_name, dtype=cfg.dtype, device=cfg.device)
     site_name = cfg.site or glp.meta.get("site")
     if not site_name:
         raise InnardsError("the GLP does not record its site: pass --site")
+    model = load_model(model_name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision)
     s = resolve_site(model, site_name)
     site = s.name
     glp.check_compatible(model, site, s.width)
     glp.to(next(model.parameters()).device).eval()
-    source = open_text(cfg.text, text_field=cfg.text_field, split=cfg.text_split)
-    t0 = time.perf_counter()
-    found = top_contexts(glp, model, site, iter_documents(source), neurons, cfg.top, cfg.context, cfg.t, cfg.seed,
-                         cfg.batch_size, cfg.max_docs)
-    report, contexts = build_report(found, neurons, model.tokenizer)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    header = {"glp": str(Path(cfg.glp).resolve()), "model": model_name, "site": site, "t": cfg.t, "seed": cfg.seed,
-              "context": cfg.context, "top": cfg.top, "highlight": cfg.highlight, "text": cfg.text,
-              "n_contexts": found["n_contexts"], "n_tokens": found["n_tokens"], "n_neurons": len(neurons),
-              "d_mlp": glp.config.d_mlp, "n_blocks": glp.config.n_blocks,
-              "seconds": round(time.perf_counter() - t0, 2)}
-    write_json(out / "neurons.json", {**header, "neurons": report, "contexts": contexts}, indent=None)
-    atomic_write_bytes(out / "neurons.md", render_markdown(report, contexts, header, cfg.highlight, cfg.page_top).encode())
-    atomic_write_bytes(out / "neurons.html", render_html(report, contexts, header, cfg.highlight, cfg.page_top).encode())
-    save_config(cfg, out)
-    print(f"wrote top contexts of {len(neurons)} meta-neurons over {found['n_contexts']} contexts to {out}")
-    return out
+    with Run.open(cfg.out, "neurons", cfg, overwrite=cfg.overwrite, free={"page_top", "highlight"},
+                  inputs={"glp": cfg.glp, "model": model_name, "text": cfg.text, "restats": cfg.restats}) as run:
+        if run.state == "complete":
+            run.say_complete()
+            return run.path
+        source = open_text(cfg.text, text_field=cfg.text_field, split=cfg.text_split)
+        t0 = time.perf_counter()
+        found = top_contexts(glp, model, site, iter_documents(source), neurons, cfg.top, cfg.context, cfg.t, cfg.seed,
+                             cfg.batch_size, cfg.max_docs)
+        report, contexts = build_report(found, neurons, model.tokenizer)
+        header = {"glp": str(Path(cfg.glp).resolve()) if Path(cfg.glp).exists() else cfg.glp, "model": model_name,
+                  "site": site, "t": cfg.t, "seed": cfg.seed, "context": cfg.context, "top": cfg.top,
+                  "highlight": cfg.highlight, "text": cfg.text, "n_contexts": found["n_contexts"],
+                  "n_tokens": found["n_tokens"], "n_neurons": len(neurons), "d_mlp": glp.config.d_mlp,
+                  "n_blocks": glp.config.n_blocks, "restats": cfg.restats, "seconds": round(time.perf_counter() - t0, 2)}
+        run.write_json("neurons.json", {**header, "neurons": report, "contexts": contexts}, indent=None)
+        atomic_write_bytes(run.root / "neurons.md", render_markdown(report, contexts, header, cfg.highlight, cfg.page_top).encode())
+        atomic_write_bytes(run.root / "neurons.html", render_html(report, contexts, header, cfg.highlight, cfg.page_top).encode())
+        run.complete(headline={"neurons": len(neurons), "contexts": found["n_contexts"], "tokens": found["n_tokens"]},
+                     outputs=["neurons.json", "neurons.md", "neurons.html"])
+        print(f"wrote top contexts of {len(neurons)} meta-neurons over {found['n_contexts']} contexts to {run.path}")
+        return run.path
