@@ -145,7 +145,7 @@ def test_batched_extraction_equals_one_prompt_at_a_time(tiny_model_dir):
     prompts = ["the fox", "a happy dog ran over the lazy cat", "", "sad", "The quick brown dog jumps over " * 20]
     for arch in ("llama", "gpt2", "bert"):
         model = load_model(tiny_model_dir(arch))
-        got = extract(model, prompts, [SITE, "blocks.1.mlp_hidden"], batch_size=2, max_length=40)
+        got = extract(model, prompts, [SITE, "blocks.1.mlp_hidden"], batch_size=2, context=40)
         ids, pos = tokenize(model, prompts, 40, "last")
         assert len(ids[-1]) == 40  # left-truncated to the context
         for i, (row, p) in enumerate(zip(ids, pos)):

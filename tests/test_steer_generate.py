@@ -10,6 +10,8 @@ from test_steer_helpers import NEG, POS, SITE, make_glp, write_lines
 
 from innards.cli import main as cli
 from innards.models.hooks import edit
+from innards.glp.projection import ProjectionConfig
+from innards.steer.config import GenerationConfig
 from innards.steer.generate import Steering, SteeringHook, generate_steered
 from innards.steer.vectors import diff_means, save_vector
 
@@ -61,19 +63,19 @@ def test_nonzero_strength_changes_logits_only_where_steered(env):
 def test_glp_projection_identity_as_t_start_goes_to_zero(env):
     model, v, glp = env["model"], env["sv"].vector, env["glp"]
     base = _logits(model)
-    exact = _logits(model, SteeringHook(Steering(SITE, v, 0.0, "all", glp=glp, t_start=0.0)))
+    exact = _logits(model, SteeringHook(Steering(SITE, v, 0.0, "all", glp=glp, project=ProjectionConfig(t_start=0.0))))
     assert torch.equal(exact, base)
-    near = _logits(model, SteeringHook(Steering(SITE, v, 0.0, "all", glp=glp, t_start=1e-5, steps=2)))
+    near = _logits(model, SteeringHook(Steering(SITE, v, 0.0, "all", glp=glp, project=ProjectionConfig(t_start=1e-5, steps=2))))
     assert torch.allclose(near, base, atol=1e-3)
-    far = _logits(model, SteeringHook(Steering(SITE, v, 0.0, "all", glp=glp, t_start=0.9)))
+    far = _logits(model, SteeringHook(Steering(SITE, v, 0.0, "all", glp=glp, project=ProjectionConfig(t_start=0.9))))
     assert not torch.allclose(far, base, atol=1e-3)
 
 
 def test_strength_zero_generation_equals_unsteered(env):
     model, v = env["model"], env["sv"].vector
-    plain = generate_steered(model, PROMPTS, None, max_new_tokens=6, batch_size=2, progress=False)
-    zero = generate_steered(model, PROMPTS, Steering(SITE, v, 0.0, "all"), max_new_tokens=6, batch_size=2,
-                            progress=False)
+    gen = GenerationConfig(max_new_tokens=6, batch_size=2)
+    plain = generate_steered(model, PROMPTS, None, gen, progress=False)
+    zero = generate_steered(model, PROMPTS, Steering(SITE, v, 0.0, "all"), gen, progress=False)
     assert [r["continuation_ids"] for r in plain] == [r["continuation_ids"] for r in zero]
     assert [r["prompt_index"] for r in plain] == [0, 1, 2]
     assert plain[0]["prompt_ids"] == model.tokenizer(PROMPTS[0])["input_ids"]
@@ -101,9 +103,10 @@ def test_positions_under_kv_cache(env, positions):
 
 def test_sampling_is_seeded_and_glp_runs(env):
     model, v, glp = env["model"], env["sv"].vector, env["glp"]
-    s = Steering(SITE, v, 2.0, "last", glp=glp, t_start=0.5, steps=4)
-    a = generate_steered(model, PROMPTS, s, max_new_tokens=5, temperature=1.0, seed=3, progress=False)
-    b = generate_steered(model, PROMPTS, s, max_new_tokens=5, temperature=1.0, seed=3, progress=False)
+    s = Steering(SITE, v, 2.0, "last", glp=glp, project=ProjectionConfig(t_start=0.5, steps=4))
+    gen = GenerationConfig(max_new_tokens=5, temperature=1.0, seed=3)
+    a = generate_steered(model, PROMPTS, s, gen, progress=False)
+    b = generate_steered(model, PROMPTS, s, gen, progress=False)
     assert [r["continuation_ids"] for r in a] == [r["continuation_ids"] for r in b]
 
 
@@ -118,8 +121,13 @@ def test_cli_generate_and_bad_inputs(env, capsys):
     assert len(recs) == 3 and all(r["method"] == "glp" and r["strength"] == 1.5 for r in recs)
     # alpha = r * ||a|| with ||a|| from the GLP's statistics when no --norm / --acts
     assert recs[0]["alpha"] == pytest.approx(1.5 * env["glp"].meta["stats"]["mean_norm"])
-    assert (tmp / "gen.config.yaml").is_file()
-    assert cli(base + ["--strength", "1", "--norm", "2.0", "--out", str(out)]) == 0
+    assert (tmp / "gen.jsonl.config.yaml").is_file()
+    rec = json.loads((tmp / "gen.jsonl.run.json").read_text())
+    assert rec["kind"] == "generation" and rec["status"] == "complete" and rec["headline"]["generations"] == 3
+    # other settings into the same file: refused unless --overwrite
+    assert cli(base + ["--strength", "1", "--norm", "2.0", "--out", str(out)]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert cli(base + ["--strength", "1", "--norm", "2.0", "--out", str(out), "--overwrite"]) == 0
     assert json.loads(out.read_text().splitlines()[0])["alpha"] == pytest.approx(2.0)
     # no norm source at all
     assert cli(base + ["--strength", "1", "--out", str(tmp / "x.jsonl")]) == 2
@@ -143,7 +151,7 @@ def test_norm_from_activation_store(env, capsys):
     d, tmp = env["dir"], env["tmp"]
     (tmp / "docs.txt").write_text("\n\n".join(POS + NEG) + "\n")
     harvest(HarvestConfig(model=str(d), site=[SITE], text=str(tmp / "docs.txt"), tokens=120, out=str(tmp / "store"),
-                          context=32, dtype="fp32"))
+                          context=32, store_dtype="fp32"))
     st = ActivationStore(tmp / "store").stats(SITE)
     assert resolve_norm(SITE, acts=str(tmp / "store"), model=env["model"])[0] == pytest.approx(st["mean_norm"])
     assert resolve_norm(SITE, acts=str(tmp / "store"), stat="rms_norm")[0] == pytest.approx(st["rms_norm"])
@@ -162,7 +170,7 @@ def test_encoder_cannot_generate(tiny_model_dir):
 
     bert = load_model(str(tiny_model_dir("bert")))
     with pytest.raises(InnardsError, match="cannot generate"):
-        generate_steered(bert, PROMPTS, None, max_new_tokens=2, progress=False)
+        generate_steered(bert, PROMPTS, None, GenerationConfig(max_new_tokens=2), progress=False)
     # vectors work on encoders too (no generation needed)
     sv = diff_means(bert, SITE, POS, NEG, token="mean")
     assert abs(sv.vector.norm().item() - 1) < 1e-6

@@ -103,7 +103,7 @@ def test_dominance_logic():
         recs += [_rec("raw", 0.0, i, 0.5, 2.0), _rec("glp", 0.0, i, 0.5, 2.0),
                  _rec("raw", 1.0, i, 0.7, 4.0), _rec("glp", 1.0, i, 0.8, 3.0),
                  _rec("raw", 2.0, i, 0.9, 6.0), _rec("glp", 2.0, i, 0.85, 3.5)]
-    res = summarise(recs, ["raw", "glp"], [0.0, 1.0, 2.0], n_bootstrap=200)
+    res = summarise(recs, ["raw", "glp"], [0.0, 1.0, 2.0], n_boot=200)
     comp = res["comparison"]
     assert comp["large_r"] == [1.0, 2.0]
     assert comp["glp_dominates_pointwise_at_r_ge_1"] is False  # r=2: GLP concept 0.85 < raw 0.9

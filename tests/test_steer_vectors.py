@@ -60,7 +60,7 @@ def test_cli_writes_vector_with_provenance(tiny, tmp_path):
     assert m["site"] == SITE and m["token"] == "mean" and m["n_pos"] == 12 and m["n_neg"] == 12
     assert m["model_sha256"] == model.innards_source["sha256"]
     assert len(m["pos_sha256"]) == 64 and m["pos_file"].endswith("pos.txt") and m["raw_norm"] > 0
-    assert (tmp_path / "v.config.yaml").is_file()
+    assert (tmp_path / "v.safetensors.config.yaml").is_file() and (tmp_path / "v.safetensors.run.json").is_file()
 
 
 def test_bad_label_files_exit_2(tiny, tmp_path, capsys):
@@ -123,7 +123,7 @@ def test_sae_decoder_row(tiny, tmp_path):
         load_vector(f"sae:{tmp_path / 'sae'}:64")
     with pytest.raises(InnardsError, match="site"):
         load_vector(f"sae:{tmp_path / 'sae'}:5", model=model, site="blocks.0.resid_post")
-    with pytest.raises(InnardsError, match="sae:DIR:IDX"):
+    with pytest.raises(InnardsError, match="sae:SAE:LATENT"):
         load_vector(f"sae:{tmp_path / 'sae'}")
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from innards.config import command
-from innards.steer.sweep import SweepConfig, run_sweep
 
 
 def main(argv: list[str] | None = None) -> int:
-    return command(SweepConfig, run_sweep, argv, prog="innards steer sweep",
-                   description="Sweep steering strengths with and without GLP projection; offline concept "
-                               "evaluator, unsteered-model NLL, distinct-2, bootstrap CIs, Pareto plot.")
+    """Entry point of ``innards steer sweep``."""
+    from innards.steer.sweep import SWEEP_ALIASES, SweepConfig, run_sweep
+
+    return command(SweepConfig, run_sweep, argv, prog="innards steer sweep", aliases=SWEEP_ALIASES,
+                   description="Sweep steering strengths with and without the GLP (SDEdit projection, prior-guided); "
+                               "offline concept evaluator, unsteered-model NLL, distinct-2, bootstrap CIs, Pareto plot.")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from innards.config import command
-from innards.steer.vectors import VectorConfig, build_vector
 
 
 def main(argv: list[str] | None = None) -> int:
-    return command(VectorConfig, build_vector, argv, prog="innards steer vector",
+    """Entry point of ``innards steer vector``."""
+    from innards.steer.vectors import VECTOR_ALIASES, VectorConfig, build_vector
+
+    return command(VectorConfig, build_vector, argv, prog="innards steer vector", aliases=VECTOR_ALIASES,
                    description="Difference of means of two labelled sentence sets' activations, unit-normalised.")

@@ -12,6 +12,11 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from innards.probe.onedim import CS, TOL
 
@@ -31,12 +36,6 @@ def fit_dense(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_te
               Cs: tuple[float, ...] = CS, n_folds: int = 5, max_iter: int = 1000, tol: float = TOL,
               seed: int = 1) -> tuple[float, float, float]:
     """(cv_auc at the chosen C, test AUC, C) of one standardised L2 logistic regression."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.metrics import roc_auc_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     pipe = make_pipeline(StandardScaler(), LogisticRegressionCV(
         Cs=list(Cs), cv=n_folds, scoring="roc_auc", max_iter=max_iter, tol=tol, random_state=seed))
     with warnings.catch_warnings():

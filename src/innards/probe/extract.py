@@ -21,27 +21,32 @@ import json
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
 from innards.errors import InnardsError
 from innards.io import load_tensors, save_tensors
+from innards.models.hooks import run_with_cache
+from innards.models.load import ENCODER_TYPES
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SAE_PROBES_MAX_LENGTH = 1024
 
 
-def is_encoder(model: Any) -> bool:
+def is_encoder(model: PreTrainedModel) -> bool:
     """True for bidirectional encoders (BERT family), loaded without a causal LM head."""
-    from innards.models.load import ENCODER_TYPES
-
     cfg = model.config
     return cfg.model_type in ENCODER_TYPES and not getattr(cfg, "is_decoder", False)
 
 
-def token_policy(model: Any, token: str = "auto") -> str:
+def token_policy(model: PreTrainedModel, token: str = "auto") -> str:
     """'last' (last non-pad token) or 'last_real' (last non-special token); 'auto' picks by architecture."""
     if token not in ("auto", "last", "last_real"):
         raise InnardsError(f"unknown token policy '{token}' (choose auto, last or last_real)")
@@ -57,8 +62,8 @@ TOKEN_RULES = {
 }
 
 
-def context_length(model: Any, max_length: int | None = None) -> int:
-    """Longest prompt kept: ``max_length`` or the model's positions capped at 1024 (SAE-Probes)."""
+def context_length(model: PreTrainedModel, context: int | None = None) -> int:
+    """Longest prompt kept: ``context`` or the model's positions capped at 1024 (SAE-Probes)."""
     cfg = model.config
     ctx = next((int(getattr(cfg, k)) for k in ("max_position_embeddings", "n_positions", "n_ctx")
                 if isinstance(getattr(cfg, k, None), int)), None)
@@ -66,15 +71,15 @@ def context_length(model: Any, max_length: int | None = None) -> int:
     if ctx is None and isinstance(tok_max, int) and tok_max < 1_000_000:
         ctx = tok_max
     ctx = min(ctx or SAE_PROBES_MAX_LENGTH, SAE_PROBES_MAX_LENGTH)
-    if max_length is not None:
-        if max_length < 1:
-            raise InnardsError(f"max_length must be positive, got {max_length}")
-        ctx = min(ctx, max_length) if ctx else max_length
+    if context is not None:
+        if context < 1:
+            raise InnardsError(f"--context must be positive, got {context}")
+        ctx = min(ctx, context) if ctx else context
     return ctx
 
 
 @contextmanager
-def _sides(tok: Any) -> Iterator[Any]:
+def _sides(tok: PreTrainedTokenizerBase) -> Iterator[PreTrainedTokenizerBase]:
     """Left truncation and right padding for the duration, restoring the tokenizer's own settings."""
     old = (tok.truncation_side, tok.padding_side)
     tok.truncation_side, tok.padding_side = "left", "right"
@@ -84,11 +89,11 @@ def _sides(tok: Any) -> Iterator[Any]:
         tok.truncation_side, tok.padding_side = old
 
 
-def tokenize(model: Any, prompts: list[str], max_length: int, token: str) -> tuple[list[list[int]], np.ndarray]:
+def tokenize(model: PreTrainedModel, prompts: list[str], context: int, token: str) -> tuple[list[list[int]], np.ndarray]:
     """Token ids per prompt (left-truncated) and the index of the probed token in each."""
     tok = model.tokenizer
     with _sides(tok):
-        enc = tok(list(prompts), truncation=True, max_length=max_length, return_special_tokens_mask=True,
+        enc = tok(list(prompts), truncation=True, max_length=context, return_special_tokens_mask=True,
                   add_special_tokens=True)
     ids = [list(x) for x in enc["input_ids"]]
     fill = next((t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if t is not None), 0)
@@ -119,13 +124,11 @@ def _batches(lengths: np.ndarray, batch_size: int, max_tokens: int) -> list[np.n
 
 
 @torch.no_grad()
-def extract(model: Any, prompts: list[str], sites: list[str], token: str = "auto", max_length: int | None = None,
+def extract(model: PreTrainedModel, prompts: list[str], sites: list[str], token: str = "auto", context: int | None = None,
             batch_size: int = 32, max_tokens: int = 16384, desc: str | None = None) -> dict[str, torch.Tensor]:
     """{site: float32 (N, width)}: each prompt's activation at the benchmark token, in prompt order."""
-    from innards.models.hooks import run_with_cache
-
     policy = token_policy(model, token)
-    ids, pos = tokenize(model, prompts, context_length(model, max_length), policy)
+    ids, pos = tokenize(model, prompts, context_length(model, context), policy)
     lengths = np.array([len(x) for x in ids])
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
@@ -148,7 +151,7 @@ def extract(model: Any, prompts: list[str], sites: list[str], token: str = "auto
     return out
 
 
-def model_tag(model: Any) -> str:
+def model_tag(model: PreTrainedModel) -> str:
     """Folder name for a model's cache: a readable stem plus a hash of its weights and dtype."""
     src = dict(getattr(model, "innards_source", {}) or {})
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(src.get("name", "model"))).name)[:40] or "model"
@@ -170,11 +173,11 @@ def prompts_digest(prompts: list[str]) -> str:
 class ActivationCache:
     """Per-(model, site, task) safetensors of benchmark-token activations under ``root``."""
 
-    def __init__(self, root: str | Path, model: Any, token: str = "auto", max_length: int | None = None,
+    def __init__(self, root: str | Path, model: PreTrainedModel, token: str = "auto", context: int | None = None,
                  batch_size: int = 32, max_tokens: int = 16384):
         self.model = model
         self.token = token_policy(model, token)
-        self.max_length = context_length(model, max_length)
+        self.context = context_length(model, context)
         self.batch_size = batch_size
         self.max_tokens = max_tokens
         self.root = Path(root) / model_tag(model)
@@ -184,15 +187,13 @@ class ActivationCache:
         return self.root / site / f"{task}.safetensors"
 
     def _meta(self, site: str, prompts: list[str]) -> dict[str, str]:
-        return {"site": site, "token": self.token, "max_length": str(self.max_length), "n": str(len(prompts)),
+        return {"site": site, "token": self.token, "max_length": str(self.context), "n": str(len(prompts)),
                 "prompts_sha256": prompts_digest(prompts), "model": json.dumps(getattr(self.model, "innards_source", {}))}
 
     def _load(self, site: str, task: str, meta: dict[str, str]) -> torch.Tensor | None:
         p = self.path(site, task)
         if not p.is_file():
             return None
-        from safetensors import safe_open
-
         try:
             with safe_open(str(p), "pt") as f:
                 got = f.metadata() or {}
@@ -209,7 +210,7 @@ class ActivationCache:
         out = {s: a for s in sites if (a := self._load(s, task, metas[s])) is not None}
         missing = [s for s in sites if s not in out]
         if missing:
-            new = extract(self.model, prompts, missing, token=self.token, max_length=self.max_length,
+            new = extract(self.model, prompts, missing, token=self.token, context=self.context,
                           batch_size=self.batch_size, max_tokens=self.max_tokens, desc=f"extract {task}")
             for s in missing:
                 self.path(s, task).parent.mkdir(parents=True, exist_ok=True)

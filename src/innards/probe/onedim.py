@@ -31,6 +31,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.stats import rankdata
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 CS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # the reference's grid, == np.logspace(-5, 0, 6)
 TOL = 1e-4  # scikit-learn's LogisticRegression(CV) default tol, L-BFGS gtol
@@ -93,8 +99,6 @@ def prefilter(x_train: np.ndarray, y_train: np.ndarray, top_k: int) -> np.ndarra
 
 def stratified_folds(y: np.ndarray, n_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """The folds LogisticRegressionCV(cv=n_folds) uses for a classifier: StratifiedKFold, no shuffle."""
-    from sklearn.model_selection import StratifiedKFold
-
     y = np.asarray(y)
     return list(StratifiedKFold(n_splits=n_folds).split(np.zeros((len(y), 1)), y))
 
@@ -190,12 +194,6 @@ def sklearn_one_d(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, 
                   Cs: tuple[float, ...] = CS, n_folds: int = 5, tol: float = TOL, max_iter: int = 1000,
                   seed: int = 1) -> dict:
     """The reference 1-D fit for one feature: StandardScaler + LogisticRegressionCV, ROC-AUC scoring."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.metrics import roc_auc_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     xtr = np.asarray(x_train, dtype=np.float64).reshape(-1, 1)
     xte = np.asarray(x_test, dtype=np.float64).reshape(-1, 1)
     pipe = make_pipeline(StandardScaler(), LogisticRegressionCV(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import zstandard
 
 from innards.errors import InnardsError
 
@@ -50,8 +51,6 @@ class Task:
 
 def _open_text(path: Path) -> io.TextIOBase:
     if path.name.endswith(".zst"):
-        import zstandard
-
         raw = open(path, "rb")
         stream = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
         return io.TextIOWrapper(stream, encoding="utf-8", newline="")
@@ -72,26 +71,6 @@ def task_name(path: Path) -> str:
     for suffix in (".zst", ".csv"):
         name = name.removesuffix(suffix)
     return name
-
-
-def read_header(path: Path) -> list[str]:
-    """The column names of a task file (reads only its first line)."""
-    try:
-        it = _rows(path)
-        return next(it, [])
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise InnardsError(f"task file {path} does not read as CSV ({type(e).__name__})") from None
-
-
-def check_columns(path: Path) -> None:
-    """InnardsError unless the file has the ``prompt`` and ``target`` columns."""
-    header = read_header(path)
-    if not header:
-        raise InnardsError(f"task file {path} is empty")
-    missing = [c for c in REQUIRED if c not in header]
-    if missing:
-        raise InnardsError(f"task file {path} lacks column(s) {', '.join(missing)} "
-                           f"(has: {', '.join(header[:8])}); tasks need 'prompt' and 'target'")
 
 
 def _sort_key(values: list[str]):

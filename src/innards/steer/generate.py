@@ -1,4 +1,4 @@
-"""Steered generation: add r*||a||*v at a site (optionally GLP-projected), batched and KV-cached.
+"""Steered generation: add r*||a||*v at a site (optionally through a GLP), batched and KV-cached.
 
 Positions (with a KV cache the first forward call covers the prompt, later calls one new token):
 
@@ -9,40 +9,65 @@ Positions (with a KV cache the first forward call covers the prompt, later calls
 * ``last``      - the last position of every call: the last prompt token, then every generated token
   (the GLP reference code's behaviour).
 
-With a GLP, every edited activation is projected on its own (the GLP is a single-token model) from
-``t_start`` before the forward pass continues.
+With a GLP, every edited activation of a forward call is projected in one batch (the GLP is a
+single-token model: rows are independent) from ``t_start`` before the forward pass continues
+(SDEdit), or moved by prior-guided steps (:mod:`innards.steer.prior`). The hook never waits on the
+device: which rows to edit is known on the host before the call, and the offset is moved to the
+device once.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from tqdm import tqdm
 
+from innards.config import require
+from innards.data.store import ActivationStore
 from innards.errors import InnardsError
+from innards.glp.model import GLP
+from innards.glp.projection import ProjectionConfig
+from innards.models.hooks import edit
+from innards.models.load import load_model
+from innards.models.sites import resolve_site
+from innards.run import Run
+from innards.steer.config import (POSITIONS, STEER_ALIASES, GenerationConfig, Positions, PriorConfig, SteerInputs,
+                                  glp_provenance)
+from innards.steer.prior import prior_guided
+from innards.steer.texts import prompts_path, read_prompts
+from innards.steer.tokens import encode, pad_id
+from innards.steer.vectors import SteeringVector, check_compatible, load_vector
 
-POSITIONS = ("generated", "prompt", "all", "last")
-Positions = Literal["generated", "prompt", "all", "last"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+GLPUse = Literal["project", "prior"]
 
 
 @dataclass
 class Steering:
-    """What to add where: unit vector, absolute scale alpha = r*||a||, positions, optional GLP projection."""
+    """What to add where: unit vector, absolute scale alpha = r*||a||, positions, and what a GLP does to it."""
 
     site: str
     vector: torch.Tensor
     alpha: float
     positions: Positions = "generated"
-    glp: Any | None = None
-    t_start: float = 0.5
-    steps: int = 20
-    schedule: Literal["exact", "grid"] = "exact"
+    glp: GLP | None = None
+    project: ProjectionConfig = field(default_factory=ProjectionConfig)
+    prior: PriorConfig | None = None
+    """with a GLP: prior-guided steps instead of the SDEdit projection"""
     seed: int = 0
+
+    @property
+    def method(self) -> str:
+        """raw, glp (SDEdit projection) or prior (prior-guided)."""
+        return "raw" if self.glp is None else ("prior" if self.prior is not None else "glp")
 
 
 class SteeringHook:
@@ -56,58 +81,75 @@ class SteeringHook:
         self.batch_index = 0
         self.prompt_text_mask: torch.Tensor | None = None
         self.n_edited = 0
+        self._offset: torch.Tensor | None = None
 
     def start_batch(self, text_mask: torch.Tensor | None, batch_index: int = 0) -> None:
         """Reset before each generate() call; ``text_mask`` (B, T) marks the prompt's real text tokens."""
         self.calls = 0
         self.batch_index = batch_index
-        self.prompt_text_mask = text_mask
+        self.prompt_text_mask = None if text_mask is None else text_mask.bool().cpu()
 
-    def _selection(self, act: torch.Tensor, first: bool) -> torch.Tensor | None:
-        b, t, _ = act.shape
+    def _rows(self, b: int, t: int, first: bool) -> torch.Tensor | slice | None:
+        """The positions to edit: None (none), a slice of positions for every row, or a host (B, T) mask."""
         mode = self.s.positions
         if first:
             if mode == "generated":
                 return None
             if mode == "last":
-                sel = torch.zeros(b, t, dtype=torch.bool)
-                sel[:, -1] = True
-                return sel
+                return slice(t - 1, t)
             m = self.prompt_text_mask
             if m is None or tuple(m.shape) != (b, t):
-                m = torch.ones(b, t, dtype=torch.bool)  # a plain forward outside generate(): every position
-            return m.bool()
-        if mode == "prompt":
-            return None
-        return torch.ones(b, t, dtype=torch.bool)
+                return slice(0, t)  # a plain forward outside generate(): every position
+            return m
+        return None if mode == "prompt" else slice(0, t)
+
+    def offset(self, like: torch.Tensor) -> torch.Tensor:
+        """alpha * v on the activations' device and dtype (moved there once)."""
+        if self._offset is None or self._offset.device != like.device or self._offset.dtype != like.dtype:
+            self._offset = (self.s.alpha * self.s.vector).to(device=like.device, dtype=like.dtype)
+        return self._offset
+
+    def edit_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Steer activations (n, d): add the offset, then project or guide with the GLP if there is one."""
+        s = self.s
+        if s.glp is None:
+            return rows + self.offset(rows)
+        if s.prior is not None:
+            return prior_guided(s.glp, rows, self.offset(rows).float(), s.prior, site=s.site).to(rows.dtype)
+        # independent, reproducible noise for every (batch, call): same seed -> same generations
+        seed = s.seed * 1_000_003 + self.batch_index * 10_007 + self.calls
+        edited = (rows + self.offset(rows)).float()
+        return s.glp.project(edited, seed=seed, site=s.site, **s.project.kwargs()).to(rows.dtype)
 
     def __call__(self, act: torch.Tensor) -> torch.Tensor | None:
         first = self.calls == 0
         self.calls += 1
-        sel = self._selection(act, first)
-        if sel is None or not bool(sel.any()):
+        b, t, d = act.shape
+        sel = self._rows(b, t, first)
+        if sel is None:
             return None
-        sel = sel.to(act.device)
-        rows = act[sel]
-        edited = rows + (self.s.alpha * self.s.vector).to(device=act.device, dtype=act.dtype)
-        if self.s.glp is not None:
-            # independent, reproducible noise for every (batch, call): same seed -> same generations
-            seed = self.s.seed * 1_000_003 + self.batch_index * 10_007 + self.calls
-            with torch.no_grad():
-                proj = self.s.glp.project(edited.float(), t_start=self.s.t_start, steps=self.s.steps,
-                                          schedule=self.s.schedule, seed=seed, site=self.s.site)
-            edited = proj.to(device=act.device, dtype=act.dtype)
-        self.n_edited += int(rows.shape[0])
+        if isinstance(sel, slice):
+            part = act[:, sel]
+            self.n_edited += b * part.shape[1]
+            edited = self.edit_rows(part.reshape(-1, d)).reshape(part.shape)
+            if part.shape[1] == t:
+                return edited
+            out = act.clone()
+            out[:, sel] = edited
+            return out
+        if not bool(sel.any()):  # a host mask: no device round trip
+            return None
+        idx = sel.nonzero(as_tuple=True)
+        self.n_edited += int(idx[0].numel())
+        ib, it = (i.to(act.device) for i in idx)
         out = act.clone()
-        out[sel] = edited
+        out[ib, it] = self.edit_rows(act[ib, it])
         return out
 
 
 @contextmanager
-def apply_steering(model: Any, steering: Steering) -> Iterator[SteeringHook]:
+def apply_steering(model: PreTrainedModel, steering: Steering) -> Iterator[SteeringHook]:
     """Context manager: every forward pass inside is steered (the first call counts as the prompt)."""
-    from innards.models.hooks import edit
-
     hook = SteeringHook(steering)
     with edit(model, {steering.site: hook}):
         yield hook
@@ -120,57 +162,54 @@ def _cut(ids: list[int], eos: set[int]) -> tuple[list[int], bool]:
     return ids, False
 
 
-@torch.no_grad()
-def generate_steered(model: Any, prompts: list[str], steering: Steering | None = None, max_new_tokens: int = 30,
-                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
-                     progress: bool = True, desc: str = "generate") -> list[dict]:
-    """Generate a continuation per prompt (left-padded batches, KV cache), steered when ``steering`` is given.
+def eos_ids(model: PreTrainedModel) -> set[int]:
+    """Every token id that ends a generation (the generation config's and the tokenizer's EOS)."""
+    e = model.generation_config.eos_token_id
+    eos = {int(x) for x in ([e] if isinstance(e, int) else (e or []))}
+    if model.tokenizer.eos_token_id is not None:
+        eos.add(int(model.tokenizer.eos_token_id))
+    return eos
 
-    Returns one dict per prompt: prompt_index, prompt, prompt_ids, continuation, continuation_ids, stopped.
-    Sampling (temperature > 0) is seeded per batch from ``seed``; temperature 0 is greedy.
-    """
-    from innards.models.hooks import edit
-    from innards.steer.tokens import encode, pad_id
 
-    if max_new_tokens < 1:
-        raise InnardsError("max-new-tokens must be at least 1")
-    if temperature < 0:
-        raise InnardsError("temperature must be >= 0 (0 is greedy)")
-    if batch_size < 1:
-        raise InnardsError("batch size must be at least 1")
+def check_can_generate(model: PreTrainedModel) -> None:
+    """InnardsError unless the model is a causal LM that can generate."""
     if not (hasattr(model, "generate") and getattr(model, "can_generate", lambda: False)()):
         raise InnardsError(f"model {getattr(model, 'innards_source', {}).get('name', '')} cannot generate text "
                            "(an encoder?); steered generation needs a causal LM")
+
+
+@torch.no_grad()
+def generate_steered(model: PreTrainedModel, prompts: list[str], steering: Steering | None = None,
+                     gen: GenerationConfig | None = None, progress: bool = True, desc: str = "generate") -> list[dict]:
+    """Generate a continuation per prompt (left-padded batches, KV cache), steered when ``steering`` is given.
+
+    Returns one dict per prompt: prompt_index, prompt, prompt_ids, continuation, continuation_ids, stopped.
+    Sampling (temperature > 0) is seeded per batch from ``gen.seed``; temperature 0 is greedy.
+    """
+    gen = gen or GenerationConfig()
+    check_can_generate(model)
     tok = model.tokenizer
     device = next(model.parameters()).device
-    pid = pad_id(tok)
-    eos = {int(e) for e in ([model.generation_config.eos_token_id] if isinstance(model.generation_config.eos_token_id, int)
-                            else (model.generation_config.eos_token_id or []))}
-    if tok.eos_token_id is not None:
-        eos.add(int(tok.eos_token_id))
+    eos = eos_ids(model)
     hook = SteeringHook(steering) if steering is not None else None
     # max_length=None: a checkpoint's default max_length would only trigger a warning next to max_new_tokens
-    gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, max_length=None, pad_token_id=pid, use_cache=True)
+    kwargs: dict[str, object] = dict(max_new_tokens=gen.max_new_tokens, max_length=None, pad_token_id=pad_id(tok),
+                                     use_cache=True, **gen.hf_kwargs())
     if eos:
-        gen_kwargs["eos_token_id"] = sorted(eos)
-    if temperature > 0:
-        gen_kwargs |= dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        gen_kwargs |= dict(do_sample=False)
+        kwargs["eos_token_id"] = sorted(eos)
     results: list[dict] = []
-    batches = list(range(0, len(prompts), batch_size))
-    for bi, start in enumerate(tqdm(batches, desc=desc, disable=not progress)):
-        chunk = prompts[start:start + batch_size]
+    starts = list(range(0, len(prompts), gen.batch_size))
+    for bi, start in enumerate(tqdm(starts, desc=desc, disable=not progress)):
+        chunk = prompts[start:start + gen.batch_size]
         b = encode(tok, chunk, side="left")
         if b.input_ids.shape[1] == 0:
             raise InnardsError("a prompt tokenises to nothing")
-        torch.manual_seed(seed * 1_000_003 + bi)
+        torch.manual_seed(gen.seed * 1_000_003 + bi)
         ctx = edit(model, {steering.site: hook}) if hook is not None else nullcontext()
         if hook is not None:
             hook.start_batch(b.text_mask, bi)
         with ctx:
-            out = model.generate(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device),
-                                 **gen_kwargs)
+            out = model.generate(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), **kwargs)
         new = out[:, b.input_ids.shape[1]:].cpu().tolist()
         for j, text in enumerate(chunk):
             ids, stopped = _cut(new[j], eos)
@@ -181,11 +220,9 @@ def generate_steered(model: Any, prompts: list[str], steering: Steering | None =
     return results
 
 
-def resolve_norm(site: str, norm: float | None = None, acts: str | None = None, glp: Any | None = None,
-                 stat: str = "mean_norm", model: Any | None = None) -> tuple[float, str]:
+def resolve_norm(site: str, norm: float | None = None, acts: str | None = None, glp: GLP | None = None,
+                 stat: str = "mean_norm", model: PreTrainedModel | None = None) -> tuple[float, str]:
     """||a||, the scale of one unit of strength, and where it came from (--norm, a store, or the GLP's statistics)."""
-    import math
-
     if stat not in ("mean_norm", "rms_norm"):
         raise InnardsError(f"norm statistic must be mean_norm or rms_norm, got '{stat}'")
     if norm is not None:
@@ -193,12 +230,8 @@ def resolve_norm(site: str, norm: float | None = None, acts: str | None = None, 
             raise InnardsError(f"--norm must be a positive number, got {norm}")
         return float(norm), "given"
     if acts:
-        from innards.data.store import ActivationStore
-
         store = ActivationStore(acts)
         if model is not None:
-            from innards.steer.vectors import check_compatible
-
             src = store.manifest.get("model") or {}
             src = src if isinstance(src, dict) else {"name": str(src)}
             check_compatible({"model": src.get("name"), "model_sha256": src.get("sha256"),
@@ -216,108 +249,77 @@ def resolve_norm(site: str, norm: float | None = None, acts: str | None = None, 
 class SteerSetup:
     """A loaded model with its resolved site, unit vector, norm and optional GLP, all checked compatible."""
 
-    model: Any
+    model: PreTrainedModel
     site: str
-    vector: Any
+    vector: SteeringVector
     norm: float
     norm_source: str
-    glp: Any | None
+    glp: GLP | None
 
 
-def setup_steering(model: Any, site: str, vector: str, glp: str | Any | None = None, norm: float | None = None,
-                   acts: str | None = None, norm_stat: str = "mean_norm", need_norm: bool = True) -> SteerSetup:
-    """Resolve the site, load the vector and GLP, check both against the model/site/width, find ||a||."""
-    from innards.models.sites import resolve_site
-    from innards.steer.vectors import load_vector
-
-    if not site:
-        raise InnardsError("--site is required")
-    if not vector:
-        raise InnardsError("--vector is required")
-    s = resolve_site(model, site)
-    sv = load_vector(vector, model=model, site=s.name, width=s.width)
-    g = None
-    if glp is not None and glp != "":
-        from innards.glp.model import GLP
-
-        g = GLP.from_pretrained(glp) if isinstance(glp, (str, Path)) else glp
-        g.check_compatible(model, s.name, s.width)
-        g.to(next(model.parameters()).device).eval()
+def setup_steering(model: PreTrainedModel, cfg: SteerInputs, glp: GLP | None = None,
+                   need_norm: bool = True) -> SteerSetup:
+    """Resolve the site, load the vector, check it and the GLP against the model/site/width, find ||a||."""
+    s = resolve_site(model, cfg.site)
+    sv = load_vector(cfg.vector, model=model, site=s.name, width=s.width)
+    if glp is not None:
+        glp.check_compatible(model, s.name, s.width)
+        glp.to(next(model.parameters()).device).eval()
     if need_norm:
-        n, src = resolve_norm(s.name, norm, acts, g, norm_stat, model=model)
+        n, src = resolve_norm(s.name, cfg.norm, cfg.acts, glp, cfg.norm_stat, model=model)
     else:
-        n, src = (float(norm), "given") if norm else (1.0, "unused (strength 0)")
-    return SteerSetup(model, s.name, sv, n, src, g)
+        n, src = (float(cfg.norm), "given") if cfg.norm else (1.0, "unused (strength 0)")
+    return SteerSetup(model, s.name, sv, n, src, glp)
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(SteerInputs):
     """``innards steer generate``: continuations of prompts with a steering vector added at a site."""
 
-    model: str = "demo"
-    site: str = ""
-    vector: str = ""
-    """steering vector: .safetensors / .pt / .npy file (FILE#ROW for a row) or sae:DIR:IDX"""
     strength: float = 1.0
     """relative strength r: adds r * ||a|| * v (v unit-norm)"""
-    norm: float | None = None
-    """||a||, the mean activation norm at the site (else from --acts or the GLP's statistics)"""
-    acts: str | None = None
-    """activation store whose statistics give ||a||"""
-    norm_stat: Literal["mean_norm", "rms_norm"] = "mean_norm"
-    glp: str | None = None
-    """GLP folder: project every edited activation onto the learned manifold"""
-    t_start: float = 0.5
-    """GLP projection start time (0 = identity, 1 = resample)"""
-    steps: int = 20
-    schedule: Literal["exact", "grid"] = "exact"
-    """exact: paper (steps-1 evaluations); grid: reference code (20-point grid)"""
-    positions: Positions = "generated"
-    """generated | prompt | all | last (see innards.steer.generate)"""
-    prompts: str = "stories"
-    """file of prompts, one per line ('stories' = the packaged story openings)"""
-    max_new_tokens: int = 30
-    temperature: float = 0.0
-    """0 = greedy"""
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 32
-    dtype: str = "fp32"
-    device: str | None = None
+    glp_use: GLPUse = "project"
+    """what the GLP does to each edited activation: project (SDEdit, --project.*) or prior (--prior.*)"""
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    """prior-guided steering (with --glp-use prior)"""
     out: str = "generations.jsonl"
+    """output JSONL file (one generation per line; the run record is written beside it)"""
 
-
-def write_jsonl(path: str | Path, records: list[dict]) -> None:
-    """Atomically write records as JSON lines."""
-    import json
-
-    from innards.io import atomic_write_bytes
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(p, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(math.isfinite(self.strength), f"--strength must be a finite number, got {self.strength}")
+        require(self.glp_use in ("project", "prior"), f"--glp-use must be project or prior, got {self.glp_use!r}")
 
 
 def steer_generate(cfg: GenerateConfig) -> Path:
-    """Load everything named in ``cfg``, generate, and write ``cfg.out`` (JSONL) plus the resolved config."""
-    from innards.config import save_config
-    from innards.models.load import load_model
-    from innards.steer.texts import read_prompts
-
-    prompts = read_prompts(cfg.prompts)
+    """Load everything named in ``cfg``, generate, and write ``cfg.out`` (JSONL) with its run record."""
+    cfg.check_inputs()
     out = Path(cfg.out)
-    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    st = setup_steering(model, cfg.site, cfg.vector, cfg.glp, cfg.norm, cfg.acts, cfg.norm_stat,
-                        need_norm=cfg.strength != 0)
-    alpha = cfg.strength * st.norm
-    steering = Steering(st.site, st.vector.vector, alpha, cfg.positions, st.glp, cfg.t_start, cfg.steps,
-                        cfg.schedule, cfg.seed)
-    recs = generate_steered(model, prompts, steering, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
-                            cfg.batch_size)
-    method = "glp" if st.glp is not None else "raw"
-    for r in recs:
-        r |= {"method": method, "strength": cfg.strength, "alpha": alpha, "site": st.site, "positions": cfg.positions}
-    write_jsonl(out, recs)
-    save_config(cfg, out.parent, name=out.stem + ".config.yaml")
+    prompts = read_prompts(cfg.prompts)
+    inputs = {"vector": cfg.vector.partition("#")[0] if not cfg.vector.startswith("sae:") else cfg.vector,
+              "prompts": str(prompts_path(cfg.prompts)), "glp": cfg.glp.path, "acts": cfg.acts,
+              "restats": cfg.glp.restats}
+    with Run.open(out, "generation", cfg, inputs=inputs, overwrite=cfg.overwrite, file=True) as run:
+        if run.state == "complete":
+            run.say_complete()
+            return out
+        glp = cfg.glp.load()
+        model = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision)
+        check_can_generate(model)
+        st = setup_steering(model, cfg, glp, need_norm=cfg.strength != 0)
+        alpha = cfg.strength * st.norm
+        steering = Steering(st.site, st.vector.vector, alpha, cfg.positions, st.glp, cfg.project,
+                            cfg.prior if cfg.glp_use == "prior" else None, cfg.generation.seed)
+        recs = generate_steered(model, prompts, steering, cfg.generation)
+        for r in recs:
+            r |= {"method": steering.method, "strength": cfg.strength, "alpha": alpha, "site": st.site,
+                  "positions": cfg.positions}
+        run.write_jsonl(out.name, recs)
+        lengths = [len(r["continuation_ids"]) for r in recs]
+        run.complete(headline={"generations": len(recs), "method": steering.method, "strength": cfg.strength,
+                               "alpha": round(alpha, 6), "mean_new_tokens": round(sum(lengths) / max(1, len(lengths)), 2),
+                               **({"glp": str(glp_provenance(glp, cfg.glp.path))} if glp is not None else {})},
+                     outputs=[out.name])
     print(f"wrote {len(recs)} generations to {out} (alpha = {cfg.strength} x {st.norm:.4g} from {st.norm_source})")
     return out
+

@@ -2,7 +2,8 @@
 
 Loadable from ``.safetensors`` (ours or any with one 1-D tensor), ``.pt``, ``.npy`` (``FILE#ROW``
 picks a row of a 2-D array, e.g. a per-layer persona-vector file) or an SAE decoder row
-(``sae:DIR:IDX``). Whatever the source, the loaded vector has unit L2 norm.
+(``sae:SAE:LATENT``, SAE = a folder, a hub id or a SAELens ``release/sae_id``). Whatever the source,
+the loaded vector has unit L2 norm.
 """
 
 from __future__ import annotations
@@ -12,16 +13,35 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
+from innards.config import at_least, require
 from innards.errors import InnardsError
 from innards.io import save_tensors, sha256_file
+from innards.models.config import MODEL_ALIASES, ModelConfig
+from innards.models.hooks import run_with_cache
+from innards.models.load import load_model
+from innards.models.sites import resolve_site, site_metadata
+from innards.run import Run
+from innards.sae.load import load_sae
+from innards.sae.model import SparseAutoencoder
+from innards.steer.texts import check_balanced, read_labelled
+from innards.steer.tokens import encode
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    # a model, its name, or its identity record ({"name", "sha256", ...}) wherever provenance is compared
+    ModelLike = PreTrainedModel | str | dict
 
 FORMAT = "innards.steering_vector/1"
+# flat str/int/float metadata of a vector (safetensors metadata holds strings; these are parsed back)
+Meta = str | int | float
 _INT_KEYS = ("width", "n_pos", "n_neg", "layer")
 _FLOAT_KEYS = ("raw_norm",)
 
@@ -31,18 +51,18 @@ class SteeringVector:
     """A unit-norm direction (d,) float32 and what it was made from (flat str/int/float metadata)."""
 
     vector: torch.Tensor
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Meta] = field(default_factory=dict)
 
     @property
     def width(self) -> int:
         return int(self.vector.shape[0])
 
-    def check_compatible(self, model: Any | None = None, site: str | None = None, width: int | None = None) -> None:
+    def check_compatible(self, model: ModelLike | None = None, site: str | None = None, width: int | None = None) -> None:
         """InnardsError if the vector was made for another model, site or width than the one given."""
         check_compatible(self.meta | {"width": self.width}, model, site, width, what="steering vector")
 
 
-def model_identity(model: Any) -> dict[str, str]:
+def model_identity(model: PreTrainedModel) -> dict[str, str]:
     """{"model": name, "model_sha256"/"model_revision": ...} from ``model.innards_source``."""
     src = getattr(model, "innards_source", None) or {}
     out = {"model": str(src.get("name", getattr(getattr(model, "config", None), "_name_or_path", "")))}
@@ -53,7 +73,7 @@ def model_identity(model: Any) -> dict[str, str]:
     return out
 
 
-def _same_model(meta: dict, model: Any) -> bool:
+def _same_model(meta: dict, model: ModelLike) -> bool:
     ident = model_identity(model) if not isinstance(model, (str, dict)) else (
         {"model": model} if isinstance(model, str) else model)
     for key in ("model_sha256", "model_revision"):
@@ -62,7 +82,7 @@ def _same_model(meta: dict, model: Any) -> bool:
     return not meta.get("model") or not ident.get("model") or str(meta["model"]) == str(ident["model"])
 
 
-def check_compatible(meta: dict, model: Any | None, site: str | None, width: int | None, what: str) -> None:
+def check_compatible(meta: dict, model: ModelLike | None, site: str | None, width: int | None, what: str) -> None:
     """Shared model/site/width check for artifacts whose metadata records them."""
     if width is not None and meta.get("width") is not None and int(meta["width"]) != int(width):
         raise InnardsError(f"{what} has width {meta['width']}, the site has width {width}")
@@ -73,12 +93,10 @@ def check_compatible(meta: dict, model: Any | None, site: str | None, width: int
         raise InnardsError(f"{what} was made for site '{meta['site']}', not '{site}'")
 
 
-def _canonical(model: Any, site: str) -> str:
+def _canonical(model: ModelLike | None, site: str) -> str:
     """Canonical site name when a model is at hand (TL or module-path spellings compare equal)."""
     if model is None or isinstance(model, (str, dict)):
         return str(site)
-    from innards.models.sites import resolve_site
-
     try:
         return resolve_site(model, str(site)).name
     except InnardsError:
@@ -106,8 +124,8 @@ def save_vector(path: str | Path, sv: SteeringVector) -> str:
     return save_tensors(p, {"vector": sv.vector.contiguous()}, metadata=meta)
 
 
-def _parse_meta(raw: dict[str, str] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _parse_meta(raw: dict[str, str] | None) -> dict[str, Meta]:
+    out: dict[str, Meta] = {}
     for k, v in (raw or {}).items():
         if k in _INT_KEYS:
             try:
@@ -146,8 +164,6 @@ def _load_file(p: Path, row: int | None) -> tuple[torch.Tensor, dict]:
     suffix = p.suffix.lower()
     try:
         if suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(p), framework="pt") as f:
                 raw_meta = f.metadata()
                 keys = list(f.keys())
@@ -175,38 +191,32 @@ def _load_file(p: Path, row: int | None) -> tuple[torch.Tensor, dict]:
         raise
     except Exception as e:
         raise InnardsError(f"steering vector {p} does not load: {str(e).splitlines()[0][:200]}") from None
-    raise InnardsError(f"unknown steering-vector format '{suffix}' (use .safetensors, .pt or .npy, or sae:DIR:IDX)")
+    raise InnardsError(f"unknown steering-vector format '{suffix}' (use .safetensors, .pt or .npy, or sae:SAE:LATENT)")
 
 
-def _load_sae_row(spec: str) -> tuple[torch.Tensor, dict]:
-    body = spec[len("sae:"):]
-    sae_dir, _, idx = body.rpartition(":")
-    if not sae_dir or not idx.lstrip("-").isdigit():
-        raise InnardsError(f"SAE decoder rows are written sae:DIR:IDX, got '{spec}'")
-    from innards.sae.load import load_sae
-
-    sae = load_sae(sae_dir)
+def _load_sae_row(spec: str) -> tuple[torch.Tensor, dict[str, Meta]]:
+    sae_spec, _, idx = spec[len("sae:"):].rpartition(":")
+    if not sae_spec or not idx.lstrip("-").isdigit():
+        raise InnardsError(f"SAE decoder rows are written sae:SAE:LATENT (a folder, hub id or release/sae_id), got '{spec}'")
+    sae = load_sae(sae_spec)
     w = sae_decoder(sae)
     i = int(idx)
     if not -w.shape[0] <= i < w.shape[0]:
         raise InnardsError(f"SAE latent {i} out of range (the SAE has {w.shape[0]} latents)")
-    keep = {k: v for k, v in (("model", getattr(sae, "model_name", None)), ("site", getattr(sae, "hook_name", None))) if v}
-    return w[i], keep | {"source": f"sae:{Path(sae_dir).resolve()}:{i}"}
+    keep = {k: v for k, v in (("model", sae.model_name), ("site", sae.site)) if v}
+    # a hub id or registry name is recorded as given: it is not a path
+    where = str(Path(sae_spec).resolve()) if Path(sae_spec).expanduser().exists() else sae_spec
+    return w[i], keep | {"source": f"sae:{where}:{i}"}
 
 
-def sae_decoder(sae: Any) -> torch.Tensor:
+def sae_decoder(sae: SparseAutoencoder) -> torch.Tensor:
     """The SAE's decoder as (n_latents, d): one row per latent direction."""
-    w = getattr(sae, "W_dec", None)
-    if w is None and hasattr(sae, "decoder"):
-        w = sae.decoder.weight.T  # nn.Linear(n_latents -> d) stores (d, n_latents)
-    if not isinstance(w, torch.Tensor):
-        raise InnardsError("the SAE has no decoder weights (W_dec)")
-    return w.detach().float().cpu()
+    return sae.W_dec.detach().float().cpu()
 
 
-def load_vector(spec: str | Path, model: Any | None = None, site: str | None = None,
+def load_vector(spec: str | Path, model: ModelLike | None = None, site: str | None = None,
                 width: int | None = None) -> SteeringVector:
-    """Load and unit-normalise a vector from a file or ``sae:DIR:IDX``; checks model/site/width if given."""
+    """Load and unit-normalise a vector from a file or ``sae:SAE:LATENT``; checks model/site/width if given."""
     s = str(spec)
     if s.startswith("sae:"):
         v, meta = _load_sae_row(s)
@@ -224,19 +234,16 @@ def load_vector(spec: str | Path, model: Any | None = None, site: str | None = N
 
 
 @torch.no_grad()
-def mean_activation(model: Any, site: str, texts: list[str], token: Literal["last", "mean"] = "last",
-                    batch_size: int = 16, max_length: int | None = 512, desc: str = "activations") -> tuple[torch.Tensor, int]:
+def mean_activation(model: PreTrainedModel, site: str, texts: list[str], token: Literal["last", "mean"] = "last",
+                    batch_size: int = 16, context: int | None = 512, desc: str = "activations") -> tuple[torch.Tensor, int]:
     """Mean over texts of the site's activation at the last text token or averaged over text tokens (float64)."""
-    from innards.models.hooks import run_with_cache
-    from innards.steer.tokens import encode
-
     if token not in ("last", "mean"):
         raise InnardsError(f"token mode must be 'last' or 'mean', got '{token}'")
     device = next(model.parameters()).device
     total: torch.Tensor | None = None
     n = 0
     for start in tqdm(range(0, len(texts), batch_size), desc=desc):
-        b = encode(model.tokenizer, texts[start:start + batch_size], side="right", max_length=max_length)
+        b = encode(model.tokenizer, texts[start:start + batch_size], side="right", max_length=context)
         acts = run_with_cache(model, b.input_ids, [site], attention_mask=b.attention_mask.to(device))[site]
         acts = acts.to(torch.float64).cpu()
         tm = b.text_mask
@@ -258,16 +265,13 @@ def mean_activation(model: Any, site: str, texts: list[str], token: Literal["las
     return total / n, n
 
 
-def diff_means(model: Any, site: str, pos: list[str], neg: list[str], token: Literal["last", "mean"] = "last",
-               batch_size: int = 16, max_length: int | None = 512) -> SteeringVector:
+def diff_means(model: PreTrainedModel, site: str, pos: list[str], neg: list[str], token: Literal["last", "mean"] = "last",
+               batch_size: int = 16, context: int | None = 512) -> SteeringVector:
     """Unit-normalised mean(pos) - mean(neg) of the site's activations, with its metadata."""
-    from innards.models.sites import resolve_site, site_metadata
-    from innards.steer.texts import check_balanced
-
     check_balanced(len(pos), len(neg))
     s = resolve_site(model, site)
-    mp, n_pos = mean_activation(model, s.name, pos, token, batch_size, max_length, desc="positive")
-    mn, n_neg = mean_activation(model, s.name, neg, token, batch_size, max_length, desc="negative")
+    mp, n_pos = mean_activation(model, s.name, pos, token, batch_size, context, desc="positive")
+    mn, n_neg = mean_activation(model, s.name, neg, token, batch_size, context, desc="negative")
     vec, raw = unit(mp - mn, "difference of means")
     sm = site_metadata(model, s)
     meta = {**model_identity(model), "site": s.name, "width": s.width, "layer": s.layer, "tl_name": sm["tl_name"],
@@ -281,44 +285,58 @@ def diff_means(model: Any, site: str, pos: list[str], neg: list[str], token: Lit
 class VectorConfig:
     """``innards steer vector``: a difference-of-means steering vector from two sentence files."""
 
-    model: str = "demo"
-    """model name, alias (demo, all-MiniLM-L6-v2) or local directory"""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """the language model (a plain string is taken as its name)"""
     site: str = ""
-    """activation site, e.g. blocks.3.resid_post"""
+    """activation site, e.g. blocks.3.resid_post (required)"""
     pos: str = ""
-    """file of sentences showing the concept, one per line"""
+    """file of sentences showing the concept, one per line (required)"""
     neg: str = ""
-    """file of sentences not showing it (at most 10x more or fewer than --pos)"""
+    """file of sentences not showing it, at most 10x more or fewer than --pos (required)"""
     token: Literal["last", "mean"] = "last"
     """last: the last non-special token; mean: mean over non-special tokens"""
     out: str = "vector.safetensors"
-    """output .safetensors file"""
+    """output .safetensors file (the run record is written beside it)"""
     batch_size: int = 16
-    max_length: int = 512
-    dtype: str = "fp32"
-    device: str | None = None
+    """sentences per forward pass"""
+    context: int = 512
+    """longest sentence kept, in tokens (longer ones are truncated from the left)"""
+    overwrite: bool = False
+    """replace an existing vector made with other settings"""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, str):
+            self.model = ModelConfig(name=self.model)
+        at_least(self, 1, "batch_size", "context")
+        require(self.token in ("last", "mean"), f"--token must be last or mean, got {self.token!r}")
+
+    def check_inputs(self) -> None:
+        """Required flags and readable, balanced sentence files (before any model loads)."""
+        require(bool(self.site), "--site is required")
+        require(bool(self.pos) and bool(self.neg), "--pos and --neg sentence files are required")
+        require(Path(self.out).suffix == ".safetensors", f"--out must end in .safetensors: {self.out}")
+
+
+VECTOR_ALIASES = {**MODEL_ALIASES, "--dtype": "--model.dtype", "--max-length": "--context"}
 
 
 def build_vector(cfg: VectorConfig) -> Path:
-    """Compute, check and save a difference-of-means vector; the config is saved beside it."""
-    from innards.config import save_config
-    from innards.models.load import load_model
-    from innards.steer.texts import read_labelled
-
-    if not cfg.site:
-        raise InnardsError("--site is required")
-    if not cfg.pos or not cfg.neg:
-        raise InnardsError("--pos and --neg sentence files are required")
-    out = Path(cfg.out)
-    if out.suffix != ".safetensors":
-        raise InnardsError(f"--out must end in .safetensors: {out}")
+    """Compute, check and save a difference-of-means vector (file run kind "vector", record beside it)."""
+    cfg.check_inputs()
     pos, neg = read_labelled(cfg.pos, cfg.neg)
-    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    sv = diff_means(model, cfg.site, pos, neg, cfg.token, cfg.batch_size, cfg.max_length)
-    sv.meta |= {"pos_file": str(Path(cfg.pos).resolve()), "pos_sha256": sha256_file(cfg.pos),
-                "neg_file": str(Path(cfg.neg).resolve()), "neg_sha256": sha256_file(cfg.neg)}
-    save_vector(out, sv)
-    save_config(cfg, out.parent, name=out.stem + ".config.yaml")
+    out = Path(cfg.out)
+    with Run.open(out, "vector", cfg, inputs={"pos": cfg.pos, "neg": cfg.neg}, overwrite=cfg.overwrite, file=True) as run:
+        if run.state == "complete":
+            run.say_complete()
+            return out
+        model = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision)
+        sv = diff_means(model, cfg.site, pos, neg, cfg.token, cfg.batch_size, cfg.context)
+        sv.meta |= {"pos_file": str(Path(cfg.pos).resolve()), "pos_sha256": sha256_file(cfg.pos),
+                    "neg_file": str(Path(cfg.neg).resolve()), "neg_sha256": sha256_file(cfg.neg)}
+        save_vector(out, sv)
+        run.complete(headline={"site": sv.meta["site"], "width": sv.width, "n_pos": sv.meta["n_pos"],
+                               "n_neg": sv.meta["n_neg"], "raw_norm": round(float(sv.meta["raw_norm"]), 6),
+                               "token": cfg.token}, outputs=[out.name])
     print(f"wrote {out} (site {sv.meta['site']}, width {sv.width}, {sv.meta['n_pos']} pos / {sv.meta['n_neg']} neg, "
           f"raw norm {sv.meta['raw_norm']:.4g})")
     return out
