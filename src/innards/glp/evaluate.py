@@ -232,7 +232,8 @@ def _open_store(path: str | None, what: str) -> ActivationStore:
     return ActivationStore(path)
 
 
-def _check_store(glp: GLP, store: ActivationStore, site: str, what: str) -> None:
+def check_store(glp: GLP, store: ActivationStore, site: str, what: str) -> None:
+    """Refuse a store that lacks the GLP's site, comes from another model or has another width."""
     if site not in store.sites:
         raise InnardsError(f"the GLP models site '{site}', which is not in the {what} store {store.path} "
                            f"(it has {', '.join(store.sites)})")
@@ -243,7 +244,8 @@ def _check_store(glp: GLP, store: ActivationStore, site: str, what: str) -> None
         raise InnardsError(f"the GLP models width {glp.config.d_in}, the {what} store has width {store.width(site)}")
 
 
-def _quick_sae(cfg: EvalConfig, site: str, store: ActivationStore, out_json: Path) -> Path:
+def quick_sae(cfg: EvalConfig, site: str, store: ActivationStore, out_json: Path) -> Path:
+    """Train the TopK SAE baseline on the store (beside ``out_json`` as NAME_sae/) and return its folder."""
     n_train = len(store.split_rows("train"))
     tokens = cfg.sae_tokens if cfg.sae_tokens is not None else min(n_train, 4_000_000)
     out = out_json.with_name(out_json.stem + "_sae")
@@ -279,11 +281,11 @@ def evaluate_glp(cfg: EvalConfig) -> Result:
     if site not in sites:
         raise InnardsError(f"this GLP was trained on {', '.join(sites)}, not '{site}'")
     store = _open_store(cfg.acts, "acts")
-    _check_store(glp, store, site, "--acts")
+    check_store(glp, store, site, "--acts")
     vstore, vsplit = store, "val"
     if cfg.val_acts:
         vstore, vsplit = _open_store(cfg.val_acts, "val-acts"), None
-        _check_store(glp, vstore, site, "--val-acts")
+        check_store(glp, vstore, site, "--val-acts")
     with Run.open(out, "eval", cfg, file=True, overwrite=cfg.overwrite, free={"plot"},
                   inputs={"glp": cfg.glp, "acts": cfg.acts, "val_acts": cfg.val_acts, "sae": cfg.sae,
                           "restats": cfg.restats}) as run:
@@ -366,7 +368,7 @@ def _evaluate(cfg: EvalConfig, glp: GLP, site: str, store: ActivationStore, vsto
 
     sae, sae_info, x_sae = None, None, None
     if cfg.sae or cfg.train_sae:
-        sae_dir = cfg.sae or str(_quick_sae(cfg, site, store, out))
+        sae_dir = cfg.sae or str(quick_sae(cfg, site, store, out))
         sae = load_sae(sae_dir)
         if sae.d_in != d:
             raise InnardsError(f"the SAE in {sae_dir} has width {sae.d_in}, the site has {d}")
