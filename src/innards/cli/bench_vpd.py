@@ -1,14 +1,17 @@
-"""innards bench vpd [--steps N] [--objectives spd,vpd] [--out FILE.json]"""
+"""innards bench vpd [--steps N] [--cases NAME[:STEPS],...] [--reference PATH] [--memory] [--out FILE.json]"""
 
 from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Benchmark VPD/SPD training steps per second on TMS 5-2."""
+    """Benchmark VPD/SPD training steps per second (training only), per phase, against the reference."""
     from innards.bench.vpd import BenchVPDConfig, bench_vpd
     from innards.config import command
 
     return command(BenchVPDConfig, bench_vpd, argv, prog="innards bench vpd",
-                   description="TMS 5-2 decomposition (C=20, batch 4096) on one thread for a fixed number of steps, "
-                               "SPD objective and full VPD; prints JSON with steps_per_s and the recovery achieved. "
-                               "Reference: goodfire-ai/spd at 22.6 steps/s.")
+                   description="Training-only steps/s (wall and CPU time) and a per-phase breakdown of shipped "
+                               "decomposition configs (default TMS 5-2 SPD and VPD, ResidMLP-1 SPD) on one thread. "
+                               "With --reference PATH (a goodfire-ai/spd checkout importable here) the reference is "
+                               "timed interleaved in the same run and the speed-up is the ratio of the two; without "
+                               "it, innards alone is reported. --memory adds peak RSS per process of 1 vs 2 processes "
+                               "(replicated, FSDP2, FSDP2 + activation checkpointing) on language-model targets.")

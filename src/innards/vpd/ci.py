@@ -42,9 +42,14 @@ class _CompMLP(torch.autograd.Function):
 
 
 def component_mlp(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-    """Per-component scalar MLPs on h (..., C) -> CI logits (..., C)."""
+    """Per-component scalar MLPs on h (..., C) -> CI logits (..., C), in fp32 also under autocast.
+
+    The kernel is elementwise-bound (bf16 is not faster there on CPU); h may arrive in bf16 from an autocast x·V.
+    """
     lead = h.shape[:-1]
-    return _CompMLP.apply(h.reshape(-1, h.shape[-1]), w1, b1, w2, b2).reshape(*lead, -1)
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        z = _CompMLP.apply(h.float().reshape(-1, h.shape[-1]), w1, b1, w2, b2)
+    return z.reshape(*lead, -1)
 
 
 class PerComponentMLP(nn.Module):
@@ -135,7 +140,12 @@ class _Block(nn.Module):
         B, T, d = x.shape
         q, k, v = self.qkv(rms_norm(x)).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k = _rope(q, self.rope_base), _rope(k, self.rope_base)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=False)  # bidirectional on purpose
+        if torch.is_autocast_enabled(x.device.type):
+            # CPU SDPA in bf16 is several times slower than in fp32; plain matmuls in bf16 are the fastest
+            att = torch.softmax((q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5, -1)
+            a = att.to(v.dtype) @ v
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=False)  # bidirectional on purpose
         x = x + self.o(a.transpose(1, 2).reshape(B, T, d))
         return x + self.fc2(F.gelu(self.fc1(rms_norm(x))))
 

@@ -94,7 +94,9 @@ class Component(nn.Module):
         if op == "inner":
             return x @ self.V
         if op == "delta_sq":
-            return (self.delta(W) ** 2).sum()
+            # Δ is a small difference of large numbers: always fp32, also under autocast (as the reference)
+            with torch.autocast(device_type=self.V.device.type, enabled=False):
+                return (self.delta(W) ** 2).sum()
         return self._masked(x, out, h, spec, W, explicit_delta)
 
     def _masked(self, x: torch.Tensor, out: torch.Tensor, h: torch.Tensor, spec: "Mask", W: torch.Tensor | None,

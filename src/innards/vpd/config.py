@@ -157,7 +157,9 @@ class VPDConfig:
     p_start: float = 2.0
     """importance exponent at step 0"""
     p_end: float = 0.4
-    """importance exponent at the last step (linear in between)"""
+    """importance exponent at the end of the annealing (linear in between)"""
+    p_end_frac: float = 1.0
+    """fraction of the steps over which p is annealed; constant p_end afterwards"""
     eps: float = 1e-12
     """added to CI before the power"""
     delta_coeff: float = 1e7

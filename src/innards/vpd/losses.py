@@ -19,11 +19,11 @@ def divergence(target: torch.Tensor, out: torch.Tensor, kind: str) -> torch.Tens
     return ((out.float() - target.float()) ** 2).mean()
 
 
-def p_at(step: int, total: int, p_start: float, p_end: float) -> float:
-    """Linearly annealed p: p(0) = p_start, p(total) = p_end."""
-    if total <= 0:
+def p_at(step: int, total: int, p_start: float, p_end: float, end_frac: float = 1.0) -> float:
+    """Linearly annealed p: p(0) = p_start, p(end_frac·total) = p_end, constant afterwards."""
+    if total <= 0 or end_frac <= 0:
         return p_end
-    return p_start + (p_end - p_start) * min(max(step / total, 0.0), 1.0)
+    return p_start + (p_end - p_start) * min(max(step / (end_frac * total), 0.0), 1.0)
 
 
 def minimality(g_upper: dict[str, torch.Tensor], p: float, eps: float = 1e-12,

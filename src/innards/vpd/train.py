@@ -44,6 +44,7 @@ def ci_values(b: Built, inputs: dict[str, torch.Tensor], h: dict[str, torch.Tens
               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(g_lower, g_upper) from the CI function on the clean inputs (``h``: their x V, when already known)."""
     z = b.ci(inputs, b.decomp, detach=b.cfg.ci.detach_inputs, h=h)
+    z = {n: v.float() for n, v in z.items()}  # masks and minimality in fp32 also under autocast
     return {n: lower_leaky(v) for n, v in z.items()}, {n: upper_leaky(v) for n, v in z.items()}
 
 
@@ -97,6 +98,9 @@ class Trainer:
         self.global_draws = global_draws and world > 1
         seed_everything(cfg.init_seed)
         target, info = self._target()
+        if cfg.autocast_bf16 and hasattr(target, "set_attn_implementation"):
+            # CPU SDPA in bf16 is several times slower than in fp32; HF's eager attention (softmax in fp32) is not
+            target.set_attn_implementation("eager")
         self.b = build(cfg, target, info)
         self.kind = cfg.loss_kind
         dev = cfg.device
@@ -190,7 +194,7 @@ class Trainer:
         lr = lr_at(cfg, step)
         for grp in self.opt.param_groups:
             grp["lr"] = lr
-        p = p_at(step, cfg.steps, cfg.p_start, cfg.p_end)
+        p = p_at(step, cfg.steps, cfg.p_start, cfg.p_end, cfg.p_end_frac)
         vpd = cfg.objective == "vpd"
         use_delta = cfg.use_delta
         kind, draws, world = self.kind, self.draws, self.dist.world
