@@ -67,9 +67,9 @@ class BenchOODConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name=""))
     """the language model (default: the one recorded in the GLP)"""
     text: str | None = None
-    """in-distribution text (default: the validation documents of --acts, which the GLP never saw)"""
+    """in-distribution text (default: the validation documents of --acts, which the GLP never saw; generate:N draws new samples)"""
     shift: list[str] = field(default_factory=list)
-    """shifted text as NAME=SRC (repeatable), e.g. rt=../shared/data/sentiment/rt-polarity.pos.txt"""
+    """shifted text as NAME=SRC[#SPLIT] (repeatable; SPLIT: how a .txt splits into documents, blank by default), e.g. rt=../shared/data/sentiment/rt-polarity.pos.txt#line"""
     shuffled: bool = True
     """add the in-distribution documents with their words shuffled"""
     random_tokens: bool = True
@@ -126,14 +126,14 @@ class BenchOODConfig:
                  "bootstrap", "sae_tokens")
         at_least(self, 2, "context")
         for s in self.shift:
-            require(bool(re.fullmatch(r"[\w.-]+=.+", s)), f"--shift is NAME=SRC, got '{s}'")
+            require(bool(re.fullmatch(r"[\w.-]+=[^#]+(#(blank|line|formfeed|file))?", s)), f"--shift is NAME=SRC[#SPLIT], got '{s}'")
 
 
 # ----- the shifted documents ---------------------------------------------------------------------------
 def in_distribution_docs(store: ActivationStore, model: PreTrainedModel, cfg: BenchOODConfig) -> list[Document]:
     """The store's validation documents (or --text), cut to what the benchmark reads."""
-    if cfg.text:
-        return list(_take(iter_documents(open_text(cfg.text, model=model)), cfg.docs * 2))
+    if cfg.text:  # generate:N draws fresh samples (another seed than a store harvested from generate:N)
+        return _take(iter_documents(open_text(cfg.text, model=model, seed=cfg.seed + 100, order="shuffled")), cfg.docs * 2)
     rows = store.split_rows("val")
     seqs = sequences_from_rows(store.doc_ids[rows], store.positions[rows], store.token_ids[rows], bos_id=None,
                                max_len=cfg.context, max_docs=cfg.docs * 2, seed=cfg.seed)
@@ -303,7 +303,7 @@ def bench_ood(cfg: BenchOODConfig) -> dict:
     shifts = [tuple(x.split("=", 1)) for x in cfg.shift]
     with Run.open(out, "bench", cfg, file=True, overwrite=cfg.overwrite, free={"progress"},
                   inputs={"glp": cfg.glp, "acts": acts, "model": name, "sae": cfg.sae, "text": cfg.text,
-                          "probe_tasks": probe_dir, **{f"shift:{k}": v for k, v in shifts}}) as run:
+                          "probe_tasks": probe_dir, **{f"shift:{k}": v.partition("#")[0] for k, v in shifts}}) as run:
         if run.state == "complete":
             run.say_complete()
             return read_json(out, what="OOD benchmark")
@@ -328,8 +328,10 @@ def bench_ood(cfg: BenchOODConfig) -> dict:
             conditions["random_tokens"] = random_token_docs(base, model, cfg.seed + 2)
         if probe_dir:
             conditions["probe_prompts"] = probe_prompt_docs(probe_dir, cfg.docs, cfg.seed + 3)
-        for k, src in shifts:
-            conditions[k] = _take(iter_documents(open_text(src, model=model)), cfg.docs * 2)
+        for k, spec in shifts:
+            src, _, split = spec.partition("#")
+            conditions[k] = _take(iter_documents(open_text(src, model=model, seed=cfg.seed + 4, order="shuffled",
+                                                           split=split or "blank")), cfg.docs * 2)
         doc_scores: dict[str, dict[str, np.ndarray]] = {}
         for cond, docs in conditions.items():
             toks = select(read_tokens(model, site, docs, cfg.context, cfg.batch_size, progress=cfg.progress),

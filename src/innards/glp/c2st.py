@@ -9,13 +9,19 @@ scores near the floor.
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
+from sklearn.preprocessing import StandardScaler
+
+from innards.glp.fd import Rows
 
 
-def _np(x: Any) -> np.ndarray:
+def _np(x: Rows) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float32).numpy()
     x = np.asarray(x, dtype=np.float32)
@@ -29,7 +35,7 @@ def _summaries(z: np.ndarray) -> np.ndarray:
     return np.log(np.concatenate([norm, peak], axis=1) + 1e-6)
 
 
-def c2st_auc(real: Any, fake: Any, seed: int = 0, test_frac: float = 0.5, hidden: tuple[int, ...] = (256, 256),
+def c2st_auc(real: Rows, fake: Rows, seed: int = 0, test_frac: float = 0.5, hidden: tuple[int, ...] = (256, 256),
              max_iter: int = 200, summaries: bool = True) -> float:
     """Held-out ROC-AUC of an MLP trained to tell ``real`` rows from ``fake`` rows (0.5 = indistinguishable).
 
@@ -38,12 +44,6 @@ def c2st_auc(real: Any, fake: Any, seed: int = 0, test_frac: float = 0.5, hidden
     learn (Student-t vs a Gaussian of equal variance in 128-d: AUC 0.53 without, 0.95 with). Any
     function of x keeps the test valid: under identical distributions the AUC is still 0.5.
     """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import train_test_split
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.preprocessing import StandardScaler
-
     a, b = _np(real), _np(fake)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"width mismatch: {a.shape[1]} vs {b.shape[1]}")

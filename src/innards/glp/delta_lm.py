@@ -11,13 +11,17 @@ compared (glp-reference.md §6.2, weakness #8).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import PreTrainedModel
 
 from innards.errors import InnardsError
+from innards.models.hooks import edit
 
 Recon = Callable[[torch.Tensor], torch.Tensor]
 
@@ -70,7 +74,7 @@ def _pad(batch: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.
     return ids, mask
 
 
-def _token_losses(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _token_losses(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy (B, T-1) in float32; zero where the target is padding."""
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
@@ -78,7 +82,7 @@ def _token_losses(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def delta_lm_loss(model: Any, site: str, sequences: Sequence[np.ndarray], replacements: Mapping[str, Recon],
+def delta_lm_loss(model: PreTrainedModel, site: str, sequences: Sequence[np.ndarray], replacements: Mapping[str, Recon],
                   bos_id: int | None = None, pad_id: int = 0, batch_size: int = 16, max_len: int | None = None,
                   progress: bool = True) -> dict[str, Any]:
     """Clean LM loss and, per replacement, the loss increase when the site is replaced at non-BOS, non-pad positions.
@@ -88,10 +92,6 @@ def delta_lm_loss(model: Any, site: str, sequences: Sequence[np.ndarray], replac
     error, documents as clusters), ``lm_loss_<name>``, the reference-compatible ``*_padded`` values
     (per-document mean over ``max_len - 1`` predictions with pad counted as zero), and counts.
     """
-    from tqdm import tqdm
-
-    from innards.models.hooks import edit
-
     if not sequences:
         raise InnardsError("no held-out sequences for the delta LM loss")
     device = next(model.parameters()).device

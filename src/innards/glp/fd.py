@@ -7,15 +7,17 @@ same spectrum as S1 S2 but never produces the complex, ill-conditioned results o
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
+Rows = np.ndarray | torch.Tensor  # (N, d) activations, either kind
+
 _CHUNK = 8192
 
 
-def _as_2d_f64_chunks(x: Any):
+def _as_2d_f64_chunks(x: Rows) -> Iterator[np.ndarray]:
     """Yield float64 numpy chunks of a (N, d) array or tensor without copying it all at once."""
     if isinstance(x, torch.Tensor):
         x = x.detach()
@@ -31,7 +33,7 @@ def _as_2d_f64_chunks(x: Any):
             yield np.asarray(x[i:i + _CHUNK], dtype=np.float64)
 
 
-def moments(x: Any) -> tuple[np.ndarray, np.ndarray]:
+def moments(x: Rows) -> tuple[np.ndarray, np.ndarray]:
     """Mean and unbiased covariance of the rows of ``x`` (N, d), accumulated in float64."""
     shift = None
     n = 0
@@ -70,7 +72,7 @@ def trace_sqrt_product(S1: np.ndarray, S2: np.ndarray) -> float:
     return float(np.sqrt(np.clip(w, 0.0, None)).sum())
 
 
-def frechet_distance_from_moments(mu1: Any, S1: Any, mu2: Any, S2: Any) -> float:
+def frechet_distance_from_moments(mu1: np.ndarray, S1: np.ndarray, mu2: np.ndarray, S2: np.ndarray) -> float:
     """Fréchet distance between Gaussians N(mu1, S1) and N(mu2, S2), in float64."""
     mu1 = np.asarray(mu1, dtype=np.float64).reshape(-1)
     mu2 = np.asarray(mu2, dtype=np.float64).reshape(-1)
@@ -84,7 +86,7 @@ def frechet_distance_from_moments(mu1: Any, S1: Any, mu2: Any, S2: Any) -> float
     return max(fd, 0.0)
 
 
-def frechet_distance(x: Any, y: Any) -> float:
+def frechet_distance(x: Rows, y: Rows) -> float:
     """Fréchet distance between the Gaussian fits of two sample sets (N, d) and (M, d)."""
     mu1, S1 = moments(x)
     mu2, S2 = moments(y)

@@ -46,7 +46,7 @@ def envelope(compute: Sequence[float], loss: Sequence[float]) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
-def power_law(C: Any, E: float, A: float, alpha: float) -> np.ndarray:
+def power_law(C: float | np.ndarray | Sequence[float], E: float, A: float, alpha: float) -> np.ndarray:
     """L(C) = E + A * C^-alpha."""
     return E + A * np.power(np.asarray(C, dtype=np.float64), -alpha)
 
