@@ -31,3 +31,25 @@ def test_v1_glp_loads_with_identical_outputs():
     for k, v in got.items():
         assert torch.equal(v, exp[k]), k
     assert detect_kind(FIXTURE) == "glp"
+
+
+def test_a_config_edited_away_from_its_weights_is_one_line(tmp_path, capsys):
+    import json
+    import shutil
+
+    import pytest
+
+    from innards.cli import main
+    from innards.errors import InnardsError
+
+    for key, value in (("d_model", 24), ("n_blocks", 2), ("d_mlp", 8), ("d_in", 16)):
+        d = tmp_path / key
+        shutil.copytree(FIXTURE, d)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["architecture"][key] = value
+        (d / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(InnardsError, match="does not match"):
+            GLP.from_pretrained(d)
+        assert main(["glp", "sample", "--glp", str(d), "-n", "2", "--out", str(tmp_path / f"{key}.safetensors")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("innards: error:") and "does not match" in err[0], err
