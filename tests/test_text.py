@@ -315,3 +315,15 @@ def test_memory_is_flat_in_document_size(tok):
         t.join()
     assert rows > 500_000
     assert peak - base < 60, (base, peak)  # whole: ~230 MB
+
+
+def test_children_pd_prefix_covers_every_file(shared_data):
+    """The corpus's files hold its authors in alphabetical order: a shuffled prefix samples every file."""
+    root = shared_data / "corpus" / "children-pd"
+    if not root.is_dir():
+        pytest.skip("children-pd corpus absent")
+    files = {p.name for p in root.glob("*.txt.gz")}
+    head = [d.id.split(":")[0] for _, d in zip(range(3000), open_text(str(root), order="shuffled"))]
+    assert set(head) == files
+    seq = {d.id.split(":")[0] for _, d in zip(range(3000), open_text(str(root)))}
+    assert len(seq) == 1  # the sequential order stays in the first file (one author)

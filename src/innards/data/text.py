@@ -23,6 +23,7 @@ never harvested.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -131,10 +132,10 @@ class TextSource:
 # ---------------------------------------------------------------- files
 
 ORDERS = ("shuffled", "sequential")
-READ_BYTES = 1 << 16  # raw bytes read at a time
+READ_BYTES = 1 << 13  # raw bytes read at a time by a shuffled read (each open segment buffers about this much)
 MAX_SEGMENTS = 512  # a shuffled read cuts the input into at most this many segments (plus one per file) ...
 MIN_SEGMENT = 1 << 12  # ... of at least this many raw bytes
-WAVE = 128  # segments read at once, their documents interleaved at random
+WAVE = 512  # segments read at once, their documents interleaved at random
 
 
 def _open_binary(path: Path) -> BinaryIO:
@@ -168,10 +169,10 @@ class _Snapshot:
 
 @dataclass
 class _Segment:
-    """Consecutive documents of one file, from ``start`` (decompressed offset of the first) on."""
+    """Consecutive documents of one file: ``count`` of them from decompressed offset ``start`` on."""
 
     file: Path
-    snap: _Snapshot | None  # None: the whole file, read from its start by the sequential reader
+    snap: _Snapshot | None  # None: the whole file, parsed from its start
     start: int = 0
     k: int = 0  # number of the first document within its file
     lineno: int = 0  # lines before it
@@ -179,28 +180,36 @@ class _Segment:
 
 
 def _chunks(path: Path, snap: _Snapshot, every: int = 0, snaps: list[_Snapshot] | None = None) -> Iterator[bytes]:
-    """Decompressed bytes of a plain or gzip file from a snapshot on; with ``snaps``, record one every ``every`` raw bytes."""
-    gz = _suffix(path).endswith(".gz")
-    z = (snap.state.copy() if snap.state is not None else zlib.decompressobj(31)) if gz else None
+    """Decompressed bytes of a file from a snapshot on; with ``snaps``, record a restart point every ``every`` raw bytes.
+
+    No file descriptor is held between reads, so hundreds of segments can be read at once.
+    """
+    s = _suffix(path)
+    gz = s.endswith(".gz")
+    z = (snap.state.copy() if snap.state is not None else zlib.decompressobj(31)) if gz else \
+        zstandard.ZstdDecompressor().decompressobj() if s.endswith(".zst") else None
     raw, out, due = snap.raw, snap.out, snap.raw + every
     size = min(READ_BYTES, every) if snaps is not None else READ_BYTES  # restart points fall between reads
-    with open(path, "rb") as fh:
-        fh.seek(raw)
-        while data := fh.read(size):
-            raw += len(data)
-            if z is None:
-                chunk = data
-            else:
-                chunk = z.decompress(data)
-                while z.eof and z.unused_data:  # a file of several gzip members
-                    rest, z = z.unused_data, zlib.decompressobj(31)
-                    chunk += z.decompress(rest)
-            out += len(chunk)
-            if snaps is not None and raw >= due:
-                snaps.append(_Snapshot(raw, out, z.copy() if z is not None else None))
-                due = raw + every
-            yield chunk
-    if z is not None and not z.eof and raw > 0:
+    while True:
+        with open(path, "rb") as fh:
+            fh.seek(raw)
+            data = fh.read(size)
+        if not data:
+            break
+        raw += len(data)
+        if z is None:
+            chunk = data
+        else:
+            chunk = z.decompress(data)
+            while gz and z.eof and z.unused_data:  # a file of several gzip members
+                rest, z = z.unused_data, zlib.decompressobj(31)
+                chunk += z.decompress(rest)
+        out += len(chunk)
+        if snaps is not None and raw >= due:
+            snaps.append(_Snapshot(raw, out, z.copy() if z is not None else None))
+            due = raw + every
+        yield chunk
+    if gz and raw > 0 and not z.eof:
         raise EOFError("compressed file ended before the end-of-stream marker was reached")
 
 
@@ -241,12 +250,13 @@ class FileSource(TextSource):
     """Plain text, JSON-lines or CSV files, one file or a folder of them.
 
     ``order="sequential"`` reads the files in sorted path order, each from start to end.
-    ``order="shuffled"`` first indexes the input (one pass: document counts, and restart points
+    ``order="shuffled"`` first indexes the input (one pass: document counts, and a restart point
     every ~1/512 of it, gzip decoder states included), then reads it as a seeded shuffle: segments
-    of consecutive documents in random order, ``WAVE`` segments at a time with their documents
-    interleaved uniformly at random, so any prefix of the stream samples the whole input. Memory
-    stays bounded (at most ~512 decoder states of ~47 KB and ``WAVE`` open files). Document ids are
-    the same in both orders.
+    of consecutive documents (at most ~512 over the whole input, at least 4 KB each; a CSV, zstd,
+    form-feed or whole-file document file is one segment) in random order, ``WAVE`` at a time with
+    their documents interleaved uniformly at random, so any prefix of the stream samples the whole
+    input. Memory stays bounded: ~40 KB per gzip restart point and ~60 KB per segment being read
+    (no file stays open between reads). Document ids are the same in both orders.
     """
 
     def __init__(self, spec: str, path: Path, text_field: str = "text", split: str = "blank",
@@ -326,14 +336,16 @@ class FileSource(TextSource):
             return _jsonl(lines, f, self._rel(f), utf8, self.text_field, at, lineno, k)
         return _txt(lines, self._rel(f), utf8, self.split, at, lineno, k)
 
-    def _whole(self, f: Path, utf8: _Utf8) -> Iterator[Document]:
-        """Every document of one file, in order."""
-        if _suffix(f).startswith(".csv"):
-            yield from _csv(f, self._rel(f), utf8, self.text_field)
-            return
-        with _open_binary(f) as fh:
-            for *_, doc in self._parse(f, fh, utf8):
-                yield doc
+    def _whole(self, f: Path, utf8: _Utf8, lines: Iterable[bytes] | None = None) -> Iterator[Document]:
+        """Every document of one file, in order (from ``lines``, else from the open file)."""
+        with contextlib.ExitStack() as stack:
+            if lines is None:
+                lines = stack.enter_context(_open_binary(f))
+            if _suffix(f).startswith(".csv"):
+                yield from _csv(lines, f, self._rel(f), utf8, self.text_field)
+            else:
+                for *_, doc in self._parse(f, lines, utf8):
+                    yield doc
 
     def _index(self) -> list[_Segment]:
         """One pass over the input: segments of consecutive documents with their restart points."""
@@ -363,7 +375,7 @@ class FileSource(TextSource):
 
     def _read(self, seg: _Segment, utf8: _Utf8) -> Iterator[Document]:
         if seg.snap is None:
-            docs = self._whole(seg.file, utf8)
+            docs = self._whole(seg.file, utf8, _lines(_chunks(seg.file, _Snapshot(0, 0))))
         else:
             chunks = _skip(_chunks(seg.file, seg.snap), seg.start - seg.snap.out)
             docs = (doc for *_, doc in self._parse(seg.file, _lines(chunks), utf8, seg.start, seg.lineno, seg.k))
@@ -455,19 +467,18 @@ def _jsonl(lines: Iterable[bytes], f: Path, rel: str, utf8: _Utf8, text_field: s
             yield start, lineno, k - 1, doc
 
 
-def _csv(f: Path, rel: str, utf8: _Utf8, text_field: str) -> Iterator[Document]:
+def _csv(lines: Iterable[bytes], f: Path, rel: str, utf8: _Utf8, text_field: str) -> Iterator[Document]:
     """One document per CSV row, from the text column (else ``prompt``)."""
     csv.field_size_limit(1 << 30)
-    with _open_binary(f) as fb:
-        reader = csv.DictReader(utf8.decode(line) for line in fb)
-        cols = reader.fieldnames or []
-        col = text_field if text_field in cols else "prompt" if "prompt" in cols else None
-        if col is None:
-            raise InnardsError(f"{f}: no '{text_field}' or 'prompt' column (columns: {', '.join(cols) or 'none'})")
-        for k, row in enumerate(reader):
-            value = (row.get(col) or "").strip()
-            if value:
-                yield Document(f"{rel}:{k}", value)
+    reader = csv.DictReader(utf8.decode(line) for line in lines)
+    cols = reader.fieldnames or []
+    col = text_field if text_field in cols else "prompt" if "prompt" in cols else None
+    if col is None:
+        raise InnardsError(f"{f}: no '{text_field}' or 'prompt' column (columns: {', '.join(cols) or 'none'})")
+    for k, row in enumerate(reader):
+        value = (row.get(col) or "").strip()
+        if value:
+            yield Document(f"{rel}:{k}", value)
 
 
 def _record_doc(rec: Any, doc_id: str, text_field: str, where: str) -> Document | None:
