@@ -84,22 +84,31 @@ def check_all_pages(tab: Tab, base: str, index: dict) -> None:
     assert tab.errors == []
 
 
-def check_search_and_neuron(tab: Tab, base: str, nid: str) -> None:
-    """Search the meta-neuron list, open one, see its shaded contexts and probing tasks."""
+def chosen_neuron(runs: dict) -> tuple[str, str]:
+    """(meta-neuron B:U, task) of a probing task whose selected 1-D GLP feature it is."""
+    t = json.loads((runs["probe"] / "tasks" / "1_joy.json").read_text())
+    best = next(f["best"] for name, f in t["features"].items() if name.startswith("glp:"))
+    return f"{best['block']}:{best['neuron']}", t["task"]
+
+
+def check_search_and_neuron(tab: Tab, base: str, nid: str, runs: dict) -> None:
+    """Search the meta-neuron list, open one, see its shaded contexts and the probing task that chose it."""
+    neuron, task = chosen_neuron(runs)
     pg = tab.page
     pg.goto(f"{base}#/run/{nid}")
     pg.wait_for_selector(".list-table")
-    pg.fill("#list-search", "0:14")
-    pg.wait_for_function("() => Array.from(document.querySelectorAll('.list-table a.item-link')).some(a => a.textContent === '0:14')"
-                         " && document.querySelectorAll('.list-table tbody tr').length < 10")
-    pg.click(".list-table a.item-link >> text='0:14'")
+    pg.fill("#list-search", neuron)
+    pg.wait_for_function("(n) => document.getElementById('list-info').textContent.includes('matching') && "
+                         "Array.from(document.querySelectorAll('.list-table a.item-link')).some(a => a.textContent === n)",
+                         arg=neuron)
+    pg.click(f".list-table a.item-link >> text='{neuron}'")
     pg.wait_for_selector(".context .tok.peak")
     assert pg.locator(".context").count() == 5
     assert pg.locator(".context .tok.peak").count() == 5
     shaded = pg.evaluate("Array.from(document.querySelectorAll('.context .tok')).filter(t => t.style.background).length")
     assert shaded > 5
     assert pg.locator("svg.chart .bar").count() > 3  # the activation histogram
-    assert "1_joy" in pg.inner_text("#app")  # this meta-neuron is the 1-D feature chosen for task 1_joy
+    assert task in pg.inner_text("#app")  # the probing task that chose this meta-neuron is listed
     assert tab.errors == []
 
 
@@ -139,11 +148,11 @@ def test_every_page_kind_renders(server, browser):
         tab.close()
 
 
-def test_neuron_search_and_page(server, browser):
+def test_neuron_search_and_page(server, browser, viewer_runs):
     _, index = api(server.url + "api/index")
     tab = Tab(browser)
     try:
-        check_search_and_neuron(tab, server.url, run_id(index, "neurons"))
+        check_search_and_neuron(tab, server.url, run_id(index, "neurons"), viewer_runs)
     finally:
         tab.close()
 
@@ -236,14 +245,14 @@ def test_xss_payloads_show_as_text(server, browser, viewer_runs):
     tab = Tab(browser)
     pg = tab.page
     try:
-        nid = run_id(index, "neurons")
-        pg.goto(f"{server.url}#/run/{nid}")
-        pg.fill("#list-search", "xss")
-        pg.wait_for_function("() => document.getElementById('list-info').textContent.includes('matching')")
-        pg.click(".list-table a.item-link >> nth=0")
+        # a meta-neuron one of whose top contexts is a document carrying markup
+        d = json.loads((viewer_runs["neurons"] / "neurons.json").read_text())
+        marked = {k for k, c in d["contexts"].items() if "__xss" in "".join(c["tokens"])}
+        neuron = next(n["neuron"] for n in d["neurons"] if any(str(e["context"]) in marked for e in n["examples"]))
+        pg.goto(f"{server.url}#/run/{run_id(index, 'neurons')}/item/{neuron}")
         pg.wait_for_selector(".context")
         text = pg.inner_text("#app")
-        assert "<script>" in text or "onerror" in text
+        assert "__xss" in text and ("<script>" in text or "onerror" in text)
         vid = run_id(index, "vpd", "lm")
         pg.goto(f"{server.url}#/run/{vid}?q=xss")
         pg.wait_for_selector(".list-table a.item-link")

@@ -23,13 +23,13 @@ def site(viewer_runs, tmp_path_factory):
     return out, json.loads(text[text.index(",") + 1:text.rindex(")")])
 
 
-def test_static_report_pages_from_file_url(site, browser):
+def test_static_report_pages_from_file_url(site, browser, viewer_runs):
     out, index = site
     tab = Tab(browser)
     try:
         base = (out / "index.html").as_uri()
         check_all_pages(tab, base, index)
-        check_search_and_neuron(tab, base, run_id(index, "neurons"))
+        check_search_and_neuron(tab, base, run_id(index, "neurons"), viewer_runs)
         check_component_and_graph(tab, base, run_id(index, "vpd", "lm"))
         tab.page.goto(base + "#/playground")
         tab.page.wait_for_selector("text=static report")

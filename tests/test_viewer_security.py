@@ -151,6 +151,7 @@ def test_run_json_first_then_files(viewer_runs, tmp_path):
     root = tmp_path / "runs"
     shutil.copytree(viewer_runs["glp"], root / "g")
     shutil.copytree(viewer_runs["store"], root / "s")
+    (root / "s" / "run.json").unlink(missing_ok=True)  # the store as written before run.json: found by its files
     (root / "g" / "run.json").write_text(json.dumps({
         "format": "innards.run", "format_version": 1, "kind": "glp", "status": "complete",
         "created": "2026-12-01T00:00:00Z", "config": "config.yaml", "outputs": ["model.safetensors", "config.json"],
@@ -184,7 +185,7 @@ def test_view_command_starts_fast_and_stops_on_ctrl_c(viewer_runs):
         started = time.perf_counter() - t0
         port = int(line.split("http://localhost:")[1].split("/")[0])
         assert get(port, "/api/index")[0] == 200
-        assert started < 20  # the real figure (well under 2 s idle) is in `innards bench view`
+        assert started < 60  # a smoke bound on a shared machine; the real figure (well under 2 s idle) is in `innards bench view`
         p.send_signal(signal.SIGINT)
         assert p.wait(timeout=15) == 0
         assert "stopped" in p.stderr.read()

@@ -8,10 +8,13 @@ continuations carry XSS payloads into the pages.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import time
+import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -62,6 +65,59 @@ def _task(path: Path, n: int, seed: int) -> Path:
     return path
 
 
+def _strip(tp):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 else tp
+
+
+def _find(cls, key: str, depth: int = 2) -> list[str] | None:
+    """Dotted path of a field named ``key`` inside ``cls`` or its nested configs (shallowest first)."""
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    if key in {f.name for f in fields}:
+        return [key]
+    if depth:
+        for f in fields:
+            tp = _strip(hints[f.name])
+            if dataclasses.is_dataclass(tp):
+                sub = _find(tp, key, depth - 1)
+                if sub:
+                    return [f.name, *sub]
+    return None
+
+
+def cfg(cls, **kw):
+    """``cls(**kw)``, with every key that moved into a nested config (lr -> optim.lr) put where it now lives.
+
+    The commands' configs are being reshaped into nested pieces; the runs below name their settings flat.
+    """
+    tree: dict = {}
+    for k, v in kw.items():
+        path = k.split(".") if "." in k else _find(cls, k)
+        if path is None:
+            raise TypeError(f"{cls.__name__} has no setting '{k}' (adapt tests/viewer_runs.py)")
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = v
+
+    def value(tp, v):
+        tp = _strip(tp)
+        if not dataclasses.is_dataclass(tp):
+            return v
+        if isinstance(v, dict):
+            return build(tp, v)
+        if isinstance(v, str):  # a model name or GLP folder given where a small config now sits
+            return tp(**{dataclasses.fields(tp)[0].name: v})
+        return v
+
+    def build(c, t):
+        hints = typing.get_type_hints(c)
+        return c(**{k: value(hints[k], v) for k, v in t.items()})
+
+    return build(cls, tree)
+
+
 def build_runs(root: Path, log: bool = False) -> dict[str, Path]:
     """Make every tiny run under ``root``; returns name -> path (folders, or files for file-runs)."""
     from innards.data.harvest import HarvestConfig, harvest
@@ -101,66 +157,66 @@ def build_runs(root: Path, log: bool = False) -> dict[str, Path]:
 
     res = root / "res"
     acts = res / "acts"
-    harvest(HarvestConfig(model="demo", site=[SITE], text=str(text), tokens=2500, out=str(acts), context=64,
+    harvest(cfg(HarvestConfig, model="demo", site=[SITE], text=str(text), tokens=2500, out=str(acts), context=64,
                           shard_tokens=1024, val_fraction=0.2, seed=0))
     done("store", acts)
     glp = res / "glp"
-    train_glp(GLPTrainConfig(acts=str(acts), out=str(glp), depth=2, d_model=64, d_mlp=48, steps=24, batch_size=128,
+    train_glp(cfg(GLPTrainConfig, acts=str(acts), out=str(glp), depth=2, d_model=64, d_mlp=48, steps=24, batch_size=128,
                              lr=1e-3, val_rows=256, log_every=4, checkpoints=3, save_every=1000, buckets=4,
                              progress=False, precision="fp32"))
     done("glp", glp)
     sae = res / "sae"
-    train_sae(SAETrainConfig(acts=str(acts), out=str(sae), k=8, latents="2*d", tokens=2048, batch_size=256,
+    train_sae(cfg(SAETrainConfig, acts=str(acts), out=str(sae), k=8, latents="2*d", tokens=2048, batch_size=256,
                              val_rows=256, progress=False))
     done("sae", sae)
     ev = res / "eval.json"
-    evaluate_glp(EvalConfig(glp=str(glp), acts=str(acts), out=str(ev), model="demo", n=300, steps=6, sae=str(sae),
-                            pca_k=8, project_steps=4, lm_docs=6, max_len=32, lm_batch_size=6, progress=False))
+    evaluate_glp(cfg(EvalConfig, glp=str(glp), acts=str(acts), out=str(ev), model="demo", n=300, steps=6, sae=str(sae),
+                            pca_k=8, **{"project.steps": 4}, lm_docs=6, max_len=32, lm_batch_size=6, progress=False))
     done("eval", ev)
     neurons = res / "neurons"
-    glp_neurons(NeuronsConfig(glp=str(glp), text=str(text), top=5, max_docs=48, context=40, batch_size=16,
+    glp_neurons(cfg(NeuronsConfig, glp=str(glp), text=str(text), top=5, max_docs=48, context=40, batch_size=16,
                               out=str(neurons)))
     done("neurons", neurons)
-    vec = res / "steer" / "joy.safetensors"
+    vec = res / "vectors" / "joy.safetensors"
     vec.parent.mkdir(parents=True, exist_ok=True)
-    build_vector(VectorConfig(model="demo", site=SITE, pos=str(pos), neg=str(neg), out=str(vec)))
+    build_vector(cfg(VectorConfig, model="demo", site=SITE, pos=str(pos), neg=str(neg), out=str(vec)))
     done("vector", vec)
     sweep = res / "steer"
-    run_sweep(SweepConfig(model="demo", site=SITE, vector=str(vec), glp=str(glp), acts=str(acts), strengths=[0.0, 1.0],
+    run_sweep(cfg(SweepConfig, model="demo", site=SITE, vector=str(vec), glp=str(glp), acts=str(acts), strengths=[0.0, 1.0],
                           prompts=str(prompts), concept="joy", concept_pos=str(pos), concept_neg=str(neg),
-                          max_new_tokens=6, steps=4, n_bootstrap=200, batch_size=3, out=str(sweep)))
+                          max_new_tokens=6, n_boot=200, batch_size=3, out=str(sweep), **{"project.steps": 4}))
     done("sweep", sweep)
     probe = res / "probe"
-    run_probe(ProbeConfig(model="demo", site=SITE, tasks=str(tasks), features=["raw", f"glp:{glp}"], out=str(probe),
+    run_probe(cfg(ProbeConfig, model="demo", site=SITE, tasks=str(tasks), features=["raw", f"glp:{glp}"], out=str(probe),
                           max_train=80, min_test=40, n_folds=2, cs=[1.0], top_k=16, n_boot=200, plot=True))
     done("probe", probe)
     sc = res / "scale"
-    scale(ScaleConfig(acts=str(acts), out=str(sc), depths=[1, 2], tokens=2048, batch_size=256, lr=1e-3, d_model=32,
+    scale(cfg(ScaleConfig, acts=str(acts), out=str(sc), depths=[1, 2], tokens=2048, batch_size=256, lr=1e-3, d_model=32,
                       d_mlp=32, checkpoints=4, val_rows=256, downstream=False, progress=False, precision="fp32"))
     done("scale", sc)
 
     vpd = root / "vpd" / "lm"
-    cfg = load_config("demo-lm", {"out": str(vpd), "steps": 2, "warmup_steps": 2, "batch_size": 2, "seq_len": 16,
+    lm_cfg = load_config("demo-lm", {"out": str(vpd), "steps": 2, "warmup_steps": 2, "batch_size": 2, "seq_len": 16,
                                   "text": str(text), "max_tokens": 2000, "progress": False, "eval_batches": 1,
                                   "eval_batch_size": 2, "adversary.eval_steps": 1,
                                   "modules": ["model.layers.0.mlp.*", "model.layers.1.mlp.down_proj"],
                                   "C": 16, "C_per_module": {}, "ci.d_model": 32, "ci.n_layers": 1, "ci.d_ffn": 64,
                                   "ci.n_heads": 2, "log_every": 1})
-    vpd_train(cfg)
-    vpd_evaluate(VPDEvalConfig(run=str(vpd), batches=1, batch_size=2, pgd_steps=1))
+    vpd_train(lm_cfg)
+    vpd_evaluate(cfg(VPDEvalConfig, run=str(vpd), batches=1, batch_size=2, pgd_steps=1))
     done("vpd", vpd)
-    contexts(ContextsConfig(run=str(vpd), text=str(text), max_tokens=600, top=3, threshold=0.0))
+    contexts(cfg(ContextsConfig, run=str(vpd), text=str(text), max_tokens=600, top=3, threshold=0.0))
     done("vpd-contexts", vpd / "contexts")
-    ablate(AblateConfig(run=str(vpd), component="layers.1.mlp.down_proj:3", prompt="Once upon a time a little",
+    ablate(cfg(AblateConfig, run=str(vpd), component="layers.1.mlp.down_proj:3", prompt="Once upon a time a little",
                         top=5, out=str(vpd / "ablate_down3.json")))
     done("vpd-ablate", vpd / "ablate_down3.json")
-    graph(GraphConfig(run=str(vpd), prompt="a little fox ran", max_nodes=24, max_edges=60))
+    graph(cfg(GraphConfig, run=str(vpd), prompt="a little fox ran", max_nodes=24, max_edges=60))
     done("vpd-graph", vpd / "graph")
     toy = root / "vpd" / "tms"
     vpd_train(load_config("tms-5-2", {"out": str(toy), "steps": 2, "warmup_steps": 1, "target.steps": 50,
                                       "batch_size": 16, "progress": False, "eval_batches": 1,
                                       "adversary.eval_steps": 1}))
-    vpd_evaluate(VPDEvalConfig(run=str(toy), batches=1, batch_size=64, pgd_steps=1))
+    vpd_evaluate(cfg(VPDEvalConfig, run=str(toy), batches=1, batch_size=64, pgd_steps=1))
     done("vpd-toy", toy)
     (root / "runs.json").write_text(json.dumps({k: str(v) for k, v in r.items()}, indent=1))
     return r
@@ -229,6 +285,8 @@ def viewer_runs(tmp_path_factory) -> dict[str, Path]:
     prebuilt = os.environ.get("INNARDS_VIEWER_RUNS")
     if "runs" not in _CACHE and prebuilt and (Path(prebuilt) / "runs.json").is_file():
         _CACHE["runs"] = {k: Path(v) for k, v in json.loads((Path(prebuilt) / "runs.json").read_text()).items()}
+    # the viewer's disk cache of big-file scans goes to the session's temporary folder, not ~/.cache
+    os.environ.setdefault("INNARDS_VIEWER_CACHE", str(tmp_path_factory.mktemp("viewer_cache")))
     if "runs" not in _CACHE:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         _CACHE["runs"] = build_runs(tmp_path_factory.mktemp("viewer_runs"))

@@ -98,7 +98,7 @@ def _neurons(run: Path, cfg: NeuronpediaConfig) -> tuple[list[dict], dict[str, A
     ctx = d.get("contexts") or {}
     d_mlp = int(d.get("d_mlp") or 0)
     site = str(d.get("site") or "")
-    model_id = cfg.model_id or str(d.get("model") or "model")
+    model_id = cfg.model_id or Path(str(d.get("model") or "model")).name  # a model folder: its name
     set_name = cfg.set_name or f"glp-{site.replace('.', '-')}"
     feats, mapping = [], {}
     for n in d.get("neurons") or []:

@@ -23,6 +23,7 @@ from innards.data.store import ActivationStore
 from innards.errors import InnardsError
 from innards.io import read_json
 from innards.runlog import read_metrics
+from innards.viewer.bigjson import Spans, disk_cached, scan
 from innards.viewer.discover import RunInfo, one_line, vpd_meta_file
 
 LIST_KINDS = {"neurons": "meta-neurons", "vpd": "subcomponents"}
@@ -369,28 +370,33 @@ class Pages:
     # ------------------------------------------------------------ meta-neurons
 
     def _neuron_data(self, run: RunInfo) -> dict[str, Any]:
+        """Header, list rows and entry spans of a neurons.json (scanned once; kept in the disk cache)."""
         path = run.path / "neurons.json"
 
-        def build() -> dict[str, Any]:
-            d = read_json(path, "meta-neuron contexts")
-            ctx = d.get("contexts") or {}
-            rows, items = [], {}
-            for n in d.get("neurons") or []:
-                nid = str(n["neuron"])
-                ex = n.get("examples") or []
+        def scanned() -> tuple[dict[str, Any], bool]:
+            header, found, text = scan(path, {
+                "neurons": lambda _, n: [str(n["neuron"]), n.get("block"), n.get("index"), n.get("max"),
+                                         [(str(e["context"]), int(e.get("max_position", 0))) for e in (n.get("examples") or [])[:1]]],
+                "contexts": lambda _, c: c.get("tokens") or []})
+            toks = {k: d for k, _, _, d in found["contexts"]}
+            rows = []
+            for _, _, _, (nid, block, index, mx, top) in found["neurons"]:
                 peak, snippet = "", ""
-                if ex:
-                    c = ctx.get(str(ex[0]["context"])) or {}
-                    toks = c.get("tokens") or []
-                    mp = int(ex[0].get("max_position", 0))
-                    if 0 <= mp < len(toks):
-                        peak = toks[mp]
-                        snippet = "".join(toks[max(0, mp - 6):mp + 3])
-                rows.append({"id": nid, "block": n.get("block"), "index": n.get("index"), "max": r4(n.get("max")),
-                             "peak": peak, "snippet": snippet, "search": f"{nid} {snippet}".lower()})
-                items[nid] = n
-            header = {k: v for k, v in d.items() if k not in ("neurons", "contexts")}
-            return {"rows": rows, "items": items, "contexts": ctx, "header": header}
+                if top:
+                    t, mp = toks.get(top[0][0]) or [], top[0][1]
+                    if 0 <= mp < len(t):
+                        peak, snippet = t[mp], "".join(t[max(0, mp - 6):mp + 3])
+                rows.append({"id": nid, "block": block, "index": index, "max": r4(mx), "peak": peak, "snippet": snippet,
+                             "search": f"{nid} {snippet}".lower()})
+            val = {"header": header, "rows": rows, "spans": {d[0]: [a, b] for _, a, b, d in found["neurons"]},
+                   "ctx_spans": {k: [a, b] for k, a, b, _ in found["contexts"]}}
+            return ({**val, "text": text} if text is not None else val), text is None
+
+        def build() -> dict[str, Any]:
+            try:
+                return disk_cached(path, "neurons", scanned)
+            except (ValueError, IndexError):
+                raise InnardsError(f"{path.name} is truncated or not valid JSON") from None
 
         return self._memo(("neurons", run.id), [path], build)
 
@@ -400,12 +406,15 @@ class Pages:
 
     def _neuron(self, run: RunInfo, nid: str) -> dict[str, Any]:
         data = self._neuron_data(run)
-        n = data["items"].get(nid)
-        if n is None:
+        span = data["spans"].get(nid)
+        if span is None:
             raise KeyError(f"no meta-neuron {nid}")
+        reader = Spans(run.path / "neurons.json", data.get("text"))
+        n = reader.load(*span)
         examples, values = [], []
         for ex in n.get("examples") or []:
-            c = data["contexts"].get(str(ex["context"])) or {}
+            cs = data["ctx_spans"].get(str(ex["context"]))
+            c = reader.load(*cs) if cs else {}
             special = c.get("special") or []
             acts = ex.get("acts") or []
             values.extend(a for a, s in zip(acts, special) if not s)
@@ -443,43 +452,67 @@ class Pages:
 
     # ------------------------------------------------------------ VPD
 
+    def _contexts_index(self, cr: RunInfo) -> dict[str, Any]:
+        """A vpd contexts.json scanned once: header and, per component, [start, end, mean CI, firing, snippet]."""
+        path = cr.path / "contexts.json"
+
+        def digest(_: Any, e: dict) -> list:
+            top = e.get("examples") or []
+            snippet = (top[0].get("left", "")[-24:] + "[" + top[0].get("token", "") + "]" + top[0].get("right", "")[:12]) if top else ""
+            return [r4(e.get("mean_ci")), r4(e.get("firing_frac")), snippet]
+
+        def scanned() -> tuple[dict[str, Any], bool]:
+            header, found, text = scan(path, {"components": digest})
+            val = {"header": header, "comps": {k: [a, b, *d] for k, a, b, d in found["components"]}}
+            return ({**val, "text": text} if text is not None else val), text is None
+
+        def build() -> dict[str, Any]:
+            try:
+                return disk_cached(path, "vpd-contexts", scanned)
+            except (ValueError, IndexError):
+                raise InnardsError(f"{path.name} is truncated or not valid JSON") from None
+
+        return self._memo(("vpd-contexts", cr.id), [path], build)
+
     def _vpd_data(self, run: RunInfo) -> dict[str, Any]:
-        """Rows (one per subcomponent), contexts by component id, and the analyses written for the run."""
+        """Rows (one per subcomponent, most important first), where each one's contexts are, the CI spectrum."""
         ctx_runs = self.related(run, ("vpd-contexts",))
         meta_p = vpd_meta_file(run.path)
         files = [p for p in [meta_p] if p] + [c.path / "contexts.json" for c in ctx_runs]
 
         def build() -> dict[str, Any]:
             meta = read_json(meta_p, "VPD run metadata") if meta_p else {}
-            comps: dict[str, dict] = {}
+            where: dict[str, tuple[RunInfo, list]] = {}
             thr = None
             for cr in ctx_runs:
                 try:
-                    d = read_json(cr.path / "contexts.json", "VPD contexts")
+                    ix = self._contexts_index(cr)
                 except InnardsError:
                     continue
-                thr = d.get("threshold")
-                comps.update(d.get("components") or {})
+                thr = ix["header"].get("threshold")
+                where.update({k: (cr, v) for k, v in ix["comps"].items()})
             rows = []
-            for c in meta.get("components") or []:
-                name = c["name"]
-                for i in range(int(c.get("C", 0))):
-                    cid = f"{name}:{i}"
-                    e = comps.get(cid)
-                    top = (e or {}).get("examples") or []
-                    tok = top[0]["token"] if top else ""
-                    snippet = (top[0].get("left", "")[-24:] + "[" + tok + "]" + top[0].get("right", "")[:12]) if top else ""
-                    rows.append({"id": cid, "matrix": name, "idx": i, "mean_ci": r4(e.get("mean_ci")) if e else None,
-                                 "firing": r4(e.get("firing_frac")) if e else None, "snippet": snippet,
-                                 "search": f"{cid} {snippet}".lower()})
-            if not meta.get("components"):  # metadata unreadable: list what the contexts name
-                for cid, e in comps.items():
-                    name, _, i = cid.rpartition(":")
-                    rows.append({"id": cid, "matrix": name, "idx": int(i), "mean_ci": r4(e.get("mean_ci")),
-                                 "firing": r4(e.get("firing_frac")), "snippet": "", "search": cid.lower()})
-            # the most important first: by mean CI, components without contexts last
+            names = [(c["name"], int(c.get("C", 0))) for c in meta.get("components") or []]
+            if not names:  # metadata unreadable: list what the contexts name
+                names = [(k.rpartition(":")[0], 0) for k in where]
+                ids = list(where)
+            else:
+                ids = [f"{n}:{i}" for n, C in names for i in range(C)]
+            for cid in ids:
+                name, _, i = cid.rpartition(":")
+                hit = where.get(cid)
+                mean_ci, firing, snippet = hit[1][2:5] if hit else (None, None, "")
+                rows.append({"id": cid, "matrix": name, "idx": int(i), "mean_ci": mean_ci, "firing": firing,
+                             "snippet": snippet, "search": f"{cid} {snippet}".lower()})
             rows.sort(key=lambda r: (r["mean_ci"] is None, -(r["mean_ci"] or 0.0), r["matrix"], r["idx"]))
-            return {"rows": rows, "by_id": {r["id"]: r for r in rows}, "contexts": comps, "meta": meta, "threshold": thr}
+            spectrum: dict[str, dict[str, list]] = {}
+            for r in rows:  # already in descending mean CI
+                if r["mean_ci"] is not None:
+                    sp = spectrum.setdefault(r["matrix"], {"mean_ci": [], "firing": []})
+                    sp["mean_ci"].append(r["mean_ci"])
+                    sp["firing"].append(r["firing"])
+            return {"rows": rows, "by_id": {r["id"]: r for r in rows}, "where": where, "meta": meta, "threshold": thr,
+                    "spectrum": spectrum}
 
         return self._memo(("vpd", run.id), files, build)
 
@@ -487,12 +520,7 @@ class Pages:
         data = self._vpd_data(run)
         meta = data["meta"]
         ev = read_json(run.path / "eval.json", "VPD eval") if (run.path / "eval.json").is_file() else None
-        spectrum = {}
-        for r in data["rows"]:
-            if r["mean_ci"] is not None:
-                spectrum.setdefault(r["matrix"], []).append((r["mean_ci"], r["firing"]))
-        spec = {m: {"mean_ci": [a for a, _ in sorted(v, reverse=True)], "firing": [b for _, b in sorted(v, reverse=True)]}
-                for m, v in spectrum.items()}
+        spec = data["spectrum"]
         return {"vpd": r4({k: meta.get(k) for k in ("objective", "target", "step", "components", "last", "world")}),
                 "eval": vpd_eval_tables(ev) if ev else None, "spectrum": spec, "threshold": data["threshold"],
                 "curves": _curves(read_metrics(run.path)),
@@ -505,7 +533,8 @@ class Pages:
         row = data["by_id"].get(cid)
         if row is None:
             raise KeyError(f"no subcomponent {cid}")
-        e = data["contexts"].get(cid) or {}
+        hit = data["where"].get(cid)
+        e = Spans(hit[0].path / "contexts.json", self._contexts_index(hit[0]).get("text")).load(*hit[1][:2]) if hit else {}
         an = self._vpd_analyses(run)
         matrix, _, idx = cid.rpartition(":")
         ablations = [{"id": aid, **res} for aid, res in an["ablations"] if res.get("component") == cid]
@@ -547,12 +576,11 @@ class Pages:
         return sorted((c["name"] for c in meta.get("components") or []), key=forward_key)
 
     def _page_vpd_contexts(self, run: RunInfo) -> dict[str, Any]:
-        d = read_json(run.path / "contexts.json", "VPD contexts")
-        comps = d.get("components") or {}
-        top = sorted(comps.items(), key=lambda kv: -(kv[1].get("mean_ci") or 0))[:100]
-        return {"contexts": r4({k: v for k, v in d.items() if k != "components"}), "n": len(comps),
-                "top": [{"id": k, "mean_ci": r4(v.get("mean_ci")), "firing": r4(v.get("firing_frac")),
-                         "examples": r4((v.get("examples") or [])[:1])} for k, v in top],
+        ix = self._contexts_index(run)
+        comps = ix["comps"]
+        top = sorted(comps.items(), key=lambda kv: -(kv[1][2] or 0))[:100]
+        return {"contexts": r4(ix["header"]), "n": len(comps),
+                "top": [{"id": k, "mean_ci": v[2], "firing": v[3], "snippet": v[4]} for k, v in top],
                 "vpd": next((u for u in run.uses if self.by_id.get(u) and self.by_id[u].kind == "vpd"), None)}
 
     def _page_vpd_graph(self, run: RunInfo) -> dict[str, Any]:

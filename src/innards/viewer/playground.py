@@ -14,8 +14,10 @@ from typing import Any
 
 from innards.errors import InnardsError
 from innards.glp.model import GLP
+from innards.glp.projection import ProjectionConfig
 from innards.models.load import load_model
-from innards.steer.generate import POSITIONS, Steering, generate_steered, setup_steering
+from innards.steer.config import POSITIONS, GenerationConfig, SteerInputs
+from innards.steer.generate import Steering, generate_steered, setup_steering
 from innards.viewer.discover import RunInfo
 
 MAX_PROMPT_CHARS = 400
@@ -142,16 +144,16 @@ class Playground:
                 raise InnardsError(f"prompt too long: {n_tok} tokens (at most {MAX_PROMPT_TOKENS})")
             glp = self._glp(s["glp"])
             site = glp.meta.get("site") or (glp.meta.get("sites") or [None])[0]
-            st = setup_steering(model, site, str(Path(self.vectors[s["vector"]].path)), glp)
+            inputs = SteerInputs(model=self.model_name, site=site, vector=str(Path(self.vectors[s["vector"]].path)),
+                                 positions=s["positions"])
+            st = setup_steering(model, inputs, glp)  # ||a|| from the GLP's statistics
             alpha = s["strength"] * st.norm
-            common = dict(max_new_tokens=s["max_new_tokens"], temperature=0.0, seed=s["seed"], batch_size=1,
-                          progress=False)
+            gen = GenerationConfig(max_new_tokens=s["max_new_tokens"], temperature=0.0, seed=s["seed"], batch_size=1)
             raw = Steering(st.site, st.vector.vector, alpha, s["positions"], None, seed=s["seed"])
-            proj = Steering(st.site, st.vector.vector, alpha, s["positions"], st.glp, s["t_start"], s["steps"], "exact",
-                            s["seed"])
-            out = {"unsteered": generate_steered(model, [s["prompt"]], None, **common)[0]["continuation"],
-                   "raw": generate_steered(model, [s["prompt"]], raw, **common)[0]["continuation"],
-                   "glp": generate_steered(model, [s["prompt"]], proj, **common)[0]["continuation"]}
+            proj = Steering(st.site, st.vector.vector, alpha, s["positions"], st.glp,
+                            ProjectionConfig(t_start=s["t_start"], steps=s["steps"]), seed=s["seed"])
+            out = {k: generate_steered(model, [s["prompt"]], steering, gen, progress=False)[0]["continuation"]
+                   for k, steering in (("unsteered", None), ("raw", raw), ("glp", proj))}
             return {**out, "site": st.site, "alpha": alpha, "norm": st.norm, "norm_source": st.norm_source,
                     "settings": s}
         finally:

@@ -556,7 +556,7 @@
   R["vpd-eval"] = (p) => [section("Evaluation", vpdEval(p.eval)), pngs(p.run.id, p.pngs)];
   R["vpd-contexts"] = (p) => [section("Contexts", kv(p.contexts), note(`${p.n} subcomponents have contexts; the 100 with the highest mean CI:`),
     table(["subcomponent", "mean CI", "firing", "top context"], p.top.map((c) => [p.vpd ? h("a", { href: itemHref(p.vpd, c.id), class: "item-link" }, c.id) : c.id, c.mean_ci, c.firing,
-      c.examples[0] ? `${c.examples[0].left}[${c.examples[0].token}]${c.examples[0].right}` : "–"])))];
+      h("span", { class: "snippet" }, tokenText(c.snippet || ""))])))];
 
   R.demo = (p) => {
     const d = p.demo;
