@@ -345,6 +345,11 @@ def test_dtype_alias_prints_a_hint(env, tmp_path, capsys):
 
     saved = yaml.safe_load((tmp_path / "st" / "config.yaml").read_text())
     assert saved["store_dtype"] == "fp16" and saved["model"]["dtype"] == "fp32" and "dtype" not in saved
+    # the flat model flags of innards 0.1/0.2 keep working
+    assert cli(args(env, tmp_path / "st2", "--model-dtype", "bf16", "--device", "cpu")) == 0
+    saved = yaml.safe_load((tmp_path / "st2" / "config.yaml").read_text())
+    assert saved["model"] == {"name": env["model"], "revision": None, "dtype": "bf16", "device": "cpu"}
+    assert ActivationStore(tmp_path / "st2").manifest["settings"]["model_dtype"] == "bf16"
 
 
 @pytest.mark.parametrize("flags, match", [
@@ -359,6 +364,11 @@ def test_bad_numbers_fail_before_the_model_loads(capsys, tmp_path, flags, match)
             "--out", str(tmp_path / "st"), *flags]
     line = one_line_error(capsys, argv, match)
     assert "no-model" not in line and not (tmp_path / "st").exists()
+
+
+def test_bench_harvest_checks_its_numbers(capsys):
+    one_line_error(capsys, ["bench", "harvest", "--tokens", "0"], "--tokens must be at least 1")
+    one_line_error(capsys, ["bench", "harvest", "--warmup", "-1"], "--warmup")
 
 
 def test_output_in_the_way_and_other_artifacts(env, capsys, tmp_path):

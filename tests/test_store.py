@@ -292,3 +292,17 @@ def test_damaged_manifest_is_one_line(tmp_path, edit, match):
     with pytest.raises(InnardsError, match=match) as e:
         ActivationStore(st)
     assert "\n" not in str(e.value) and "damaged" in str(e.value)
+
+
+def test_damaged_manifest_on_the_command_line(tmp_path, capsys):
+    from innards.cli import main as cli
+
+    st = tmp_path / "st"
+    shutil.copytree(FIXTURE, st)
+    m = json.loads((st / "manifest.json").read_text())
+    m["dtype"] = "fp64"
+    (st / "manifest.json").write_text(json.dumps(m))
+    assert cli(["glp", "train", "--acts", str(st), "--out", str(tmp_path / "g"), "--steps", "1"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("innards: error:") and "fp64" in err[0], err
+    assert not (tmp_path / "g").exists()

@@ -39,7 +39,7 @@ from innards.config import at_least, require, within
 from innards.data.shards import SHARDS, ShardWriter, committed
 from innards.data.stats import Moments, merge_all
 from innards.data.store import BF16_NOTE, FORMAT, FORMAT_VERSION, INDEX_DTYPE, STORAGE, read_manifest
-from innards.data.text import ORDERS, SPLITS, Batch, GenerateSource, framing, iter_batches, iter_chunks, open_text
+from innards.data.text import ORDERS, SPLITS, Batch, GenerateSource, TextSource, framing, iter_batches, iter_chunks, open_text
 from innards.errors import InnardsError
 from innards.io import atomic_write_bytes, load_tensors, read_json, save_tensors, write_json
 from innards.models.config import ModelConfig
@@ -52,8 +52,6 @@ from innards.runtime import Dist, init_dist
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-    from innards.data.text import TextSource
 
 PLAN = "harvest.json"
 StoreDtype = Literal["bf16", "fp16", "fp32"]

@@ -82,7 +82,7 @@ def _manifest_error(path: Path, what: str) -> InnardsError:
     return InnardsError(f"store manifest {path} is damaged: {what} (re-harvest the store, or restore manifest.json)")
 
 
-def _is_file_entry(f: Any) -> bool:
+def _is_file_entry(f: object) -> bool:
     return isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("sha256"), str)
 
 

@@ -481,7 +481,7 @@ def _csv(lines: Iterable[bytes], f: Path, rel: str, utf8: _Utf8, text_field: str
             yield Document(f"{rel}:{k}", value)
 
 
-def _record_doc(rec: Any, doc_id: str, text_field: str, where: str) -> Document | None:
+def _record_doc(rec: object, doc_id: str, text_field: str, where: str) -> Document | None:
     """A document from a JSON/dataset record: the text field, else pre-tokenised ids."""
     if not isinstance(rec, dict):
         raise InnardsError(f"{where}: expected an object with a '{text_field}' field")
@@ -589,7 +589,7 @@ class HFSource(TextSource):
 class GenerateSource(TextSource):
     """N documents sampled from a causal LM, in fixed seeded blocks cached as JSON lines."""
 
-    def __init__(self, spec: str, n: int, model: Any, cache_dir: Path | None = None, seed: int = 0,
+    def __init__(self, spec: str, n: int, model: PreTrainedModel | None, cache_dir: Path | None = None, seed: int = 0,
                  max_tokens: int = 256, block: int = 64):
         self.spec, self.n, self.model, self.cache_dir = spec, n, model, cache_dir
         self.seed, self.max_tokens, self.block = seed, max_tokens, block
@@ -671,7 +671,7 @@ class GenerateSource(TextSource):
 class RandomSource(TextSource):
     """N documents of uniformly random non-special token ids, ``max_tokens - 1`` long (benchmarks, smoke tests)."""
 
-    def __init__(self, spec: str, n: int, model: Any, seed: int = 0, max_tokens: int = 256):
+    def __init__(self, spec: str, n: int, model: PreTrainedModel | None, seed: int = 0, max_tokens: int = 256):
         if model is None or getattr(model, "tokenizer", None) is None:
             raise InnardsError(f"text '{spec}' draws token ids from a model's vocabulary; no model was given")
         tok = model.tokenizer
