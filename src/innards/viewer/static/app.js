@@ -97,13 +97,14 @@
     return h("a", { href: runHref(id), class: "run-link", title: r ? r.rel : id }, label || (r ? `${r.kind}: ${r.rel}` : id));
   }
   function kv(obj, keys) {
-    const rows = [];
+    const items = [];
     for (const k of keys || Object.keys(obj || {})) {
       const v = obj ? obj[k] : undefined;
       if (v === undefined || v === null || v === "" || (typeof v === "object" && !Array.isArray(v))) continue;
-      rows.push(h("tr", null, h("th", null, k), h("td", null, Array.isArray(v) ? v.join(", ") : typeof v === "number" ? fmt(v) : String(v))));
+      items.push(h("div", { class: "kv-item" }, h("span", { class: "k" }, k),
+        h("span", { class: "v" }, Array.isArray(v) ? v.join(", ") : typeof v === "number" ? fmt(v) : String(v))));
     }
-    return rows.length ? h("table", { class: "kv" }, h("tbody", null, rows)) : null;
+    return items.length ? h("div", { class: "kv" }, items) : null;
   }
   function table(cols, rows, cls) {
     return h("table", { class: "data " + (cls || "") },
