@@ -67,5 +67,11 @@ def test_report_replaces_its_own_output_only(viewer_runs, tmp_path, capsys):
     with pytest.raises(InnardsError, match="not an innards report"):
         build_report([root], other)
     assert (other / "notes.txt").read_text() == "keep"
+    run_folder = tmp_path / "wrapped"  # an innards.run folder holding only its record: the site goes in beside it
+    run_folder.mkdir()
+    (run_folder / "run.json").write_text("{}")
+    build_report([root / "vpd"], run_folder)
+    build_report([root / "vpd"], run_folder)
+    assert (run_folder / "run.json").read_text() == "{}" and (run_folder / "index.html").is_file()
     assert cli(["report", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "s2")]) == 2
     assert "folder not found" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from innards.errors import InnardsError
+from innards.run import Run
 from innards.viewer.discover import REPORT_MARKER, discover, one_line, safe_file
 from innards.viewer.pages import FAILURES, LIST_KINDS, Pages
 from innards.viewer.server import STATIC, app_html
@@ -113,11 +114,20 @@ def write_site(dirs: list[Path], root: Path) -> dict[str, int]:
     return {"runs": len(runs), "damaged": sum(r.status == "damaged" for r in runs), "items": n_items}
 
 
+# what an innards.run output folder holds before its command writes anything: kept when the report goes in
+RUN_RECORD = {"run.json", "config.yaml", ".innards.lock"}
+
+
 def build_report(dirs: list[Path], out: Path) -> Path:
-    """Write the static report of every run under ``dirs`` to ``out``; returns ``out/index.html``."""
+    """Write the static report of every run under ``dirs`` to ``out``; returns ``out/index.html``.
+
+    ``out`` may be new, an earlier report (replaced), or an innards.run folder holding only its record.
+    """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_MARKER).is_file())):
-        raise InnardsError(f"{out} exists and is not an innards report; choose another --out")
+    if out.exists():
+        extra = {p.name for p in out.iterdir()} - RUN_RECORD
+        if not out.is_dir() or (extra and not (out / REPORT_MARKER).is_file()):
+            raise InnardsError(f"{out} exists and is not an innards report; choose another --out")
     missing = [str(d) for d in dirs if not Path(d).exists()]
     if missing:
         raise InnardsError(f"folder not found: {missing[0]}")
@@ -126,13 +136,16 @@ def build_report(dirs: list[Path], out: Path) -> Path:
     try:
         write_site([Path(d) for d in dirs], tmp)
         os.chmod(tmp, 0o755)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            out.rename(old)
+        if not out.exists():
             tmp.rename(out)
+        else:  # swap the site's entries in one by one; the run record (if any) stays
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            for p in out.iterdir():
+                if p.name not in RUN_RECORD:
+                    p.rename(old / p.name)
+            for p in tmp.iterdir():
+                p.rename(out / p.name)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -140,9 +153,17 @@ def build_report(dirs: list[Path], out: Path) -> Path:
 
 
 def report(cfg: ReportConfig) -> int:
-    """CLI entry: build the site and say where it is."""
+    """CLI entry: build the site (an innards.run folder of kind "report", rebuilt every time) and say where it is."""
     if not cfg.dirs:
         raise InnardsError("give at least one folder to look for runs in (innards report DIR --out SITE)")
-    index = build_report([Path(d) for d in cfg.dirs], Path(cfg.out))
+    missing = [d for d in cfg.dirs if not Path(d).exists()]
+    if missing:
+        raise InnardsError(f"folder not found: {missing[0]}")
+    with Run.open(cfg.out, "report", cfg, inputs={f"dir{i}": d for i, d in enumerate(cfg.dirs)}, overwrite=True) as run:
+        index = build_report([Path(d) for d in cfg.dirs], Path(cfg.out))
+        text = (index.parent / "data" / "index.js").read_text(encoding="utf-8")
+        runs = json.loads(text[text.index(",") + 1:text.rindex(")")])["runs"]
+        run.complete(headline={"runs": len(runs), "damaged": sum(r["status"] == "damaged" for r in runs)},
+                     outputs=["index.html"])
     print(f"wrote {index}  (open it in a browser, or serve {index.parent} from any static host)")
     return 0
