@@ -117,3 +117,9 @@ def test_one_process_at_a_time(tmp_path):
     with Run.open(out, "store", C(), always_resume=True) as r:  # a killed holder leaves no stale lock
         assert r.state == "resume"
     assert json.loads((out / "run.json").read_text())["kind"] == "store"
+
+
+def test_a_refused_run_leaves_no_trace(tmp_path):
+    with pytest.raises(InnardsError, match="nothing to resume"):
+        Run.open(tmp_path / "new", "glp", C(), resume=True)
+    assert not (tmp_path / "new").exists()

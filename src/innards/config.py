@@ -112,7 +112,13 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build a dataclass from a (possibly partial) dict, refusing unknown keys."""
+    """Build a dataclass from a (possibly partial) dict, refusing unknown keys.
+
+    A config class may define ``upgrade(data) -> data`` (a staticmethod) to read the layout older versions saved.
+    """
+    upgrade = getattr(cls, "upgrade", None)
+    if callable(upgrade):
+        data = upgrade(dict(data))
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)

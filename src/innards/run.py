@@ -18,6 +18,7 @@ Rules, checked before anything is written or deleted:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fcntl
 import io
@@ -169,11 +170,13 @@ class Run:
         if not main:  # rank > 0 of torchrun: rank 0 checks, locks and writes; the caller broadcasts its state
             return cls(root, kind, "new", name, read_run(out) or {}, None)
         _check_writable_path(root, out, file)
-        lock_fd = _lock(root, name) if main else None
+        _classify(out, kind, file)  # refuse other kinds and foreign folders before touching anything
+        created = not root.exists()
+        lock_fd = _lock(root, name)
         try:
             ins = [i.as_dict() for i in describe_inputs(inputs or {})]
             settings = to_dict(config)
-            state, existing = _classify(out, kind, file)
+            state, existing = _classify(out, kind, file)  # again, now that no other process can change it
             ignore = set(free) | {"out", "resume", "overwrite", "progress"}
             if state != "new" and overwrite:
                 _clear(out, file)
@@ -205,6 +208,10 @@ class Run:
             return run
         except BaseException:
             _unlock(lock_fd)
+            if created:  # leave no trace of a refused run in a folder we made
+                (root / (f".{name}.lock" if name else LOCK_FILE)).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    root.rmdir()
             raise
 
     # ----- writing -----------------------------------------------------------------------------------
@@ -367,6 +374,9 @@ def _clear(out: Path, file: bool) -> None:
         for p in (out, out.with_name(out.name + ".run.json")):
             p.unlink(missing_ok=True)
         return
+    # first what marks the folder as a (finished) artifact, so an interrupted clear never looks complete
+    for name in (RUN_FILE, *_DESCRIPTORS):
+        (out / name).unlink(missing_ok=True)
     for p in out.iterdir():
         if p.name == LOCK_FILE:
             continue
