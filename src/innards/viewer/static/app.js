@@ -528,7 +528,9 @@
   function ablation(a) {
     if (a.error) return h("div", { class: "damaged-box" }, a.error);
     const barsOf = (list, key, color) => Charts.bars({ labels: list.map((x) => JSON.stringify(x.token)), values: list.map((x) => x[key]), ylabel: "Δ probability", color, height: 220 });
-    return h("div", { class: "ablation" }, kv({ prompt: a.prompt, "KL(target ‖ ablated)": a.kl_target_to_ablated }),
+    return h("div", { class: "ablation" }, kv({ prompt: a.prompt, "KL(target ‖ ablated)": a.kl_target_to_ablated,
+      "ΔCE": a.delta_ce, "ΔCE (next token)": a.delta_ce_next }),
+      a.delta_ce === undefined ? note("ΔCE is not recorded by this ablation (innards vpd ablate records the next-token distributions and their KL).") : null,
       h("div", { class: "row" }, h("div", null, h("h4", null, "promoted by removing it"), barsOf(a.most_increased || [], "dp", "#2ca02c")),
         h("div", null, h("h4", null, "demoted by removing it"), barsOf(a.most_decreased || [], "dp", "#d62728"))),
       table(["target top token", "p", "ablated top token", "p"], (a.top_target || []).map((t, i) => [JSON.stringify(t.token), t.p,
