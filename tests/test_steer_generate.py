@@ -174,3 +174,38 @@ def test_encoder_cannot_generate(tiny_model_dir):
     # vectors work on encoders too (no generation needed)
     sv = diff_means(bert, SITE, POS, NEG, token="mean")
     assert abs(sv.vector.norm().item() - 1) < 1e-6
+
+
+@pytest.mark.parametrize("schedule, solver", [("exact", "euler"), ("grid", "euler"), ("exact", "heun")])
+def test_fast_projection_equals_glp_project(env, schedule, solver):
+    from innards.steer.project import FastGLP
+
+    glp = env["glp"]
+    torch.manual_seed(1)
+    a = glp.denormalize(torch.randn(7, glp.config.d_in))
+    cfg = ProjectionConfig(t_start=0.5, steps=6, schedule=schedule, solver=solver)
+    want = glp.project(a, seed=11, site=SITE, **cfg.kwargs())
+    got = FastGLP(glp, SITE).project(a, cfg, seed=11)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert torch.equal(FastGLP(glp, SITE).project(a, ProjectionConfig(t_start=0.0), seed=1), a)
+
+
+def test_steering_hook_needs_no_device_sync_for_generated_tokens(env, monkeypatch):
+    """The per-token path decides on the host: no .any()/.nonzero() on device tensors, no per-step conditioning."""
+    model, v, glp = env["model"], env["sv"].vector, env["glp"]
+    hook = SteeringHook(Steering(SITE, v, 1.0, "generated", glp=glp, project=ProjectionConfig(t_start=0.5, steps=5)))
+    calls = {"cond": 0}
+    real = glp.conditioning
+
+    def counting(*a, **k):
+        calls["cond"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(glp, "conditioning", counting)
+    hook.start_batch(None)
+    x = torch.randn(3, 1, glp.config.d_in)
+    hook(x)  # the prompt call: "generated" leaves it alone
+    for _ in range(4):
+        out = hook(torch.randn(3, 1, glp.config.d_in))
+        assert out.shape == (3, 1, glp.config.d_in)
+    assert calls["cond"] == 4  # one per grid time (5 points, 4 steps), computed once for all calls

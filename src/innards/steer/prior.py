@@ -14,6 +14,8 @@ SDEdit no noise is drawn, so the edit is deterministic, and it costs ``steps`` e
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from innards.glp.model import GLP
@@ -21,9 +23,13 @@ from innards.steer.config import PriorConfig
 
 
 @torch.no_grad()
-def prior_guided(glp: GLP, acts: torch.Tensor, offset: torch.Tensor, cfg: PriorConfig,
-                 site: str | None = None) -> torch.Tensor:
-    """``acts`` (rows, d) steered by ``offset`` (d,) with ``cfg.steps`` score-guided steps; dtype and device kept."""
+def prior_guided(glp: GLP, acts: torch.Tensor, offset: torch.Tensor, cfg: PriorConfig, site: str | None = None,
+                 velocity: Callable[[torch.Tensor, float], torch.Tensor] | None = None) -> torch.Tensor:
+    """``acts`` (rows, d) steered by ``offset`` (d,) with ``cfg.steps`` score-guided steps; dtype and device kept.
+
+    ``velocity``: the GLP's v(z, t) to use (e.g. :class:`innards.steer.project.FastGLP`'s cached one).
+    """
+    v = velocity or (lambda z, t: glp(z, t, site))
     x = glp.normalize(acts.to(glp.device), site)
     off = glp.normalize(acts.to(glp.device) + offset.to(glp.device), site) - x  # offset / std, per dimension
     t = float(cfg.t)
@@ -31,6 +37,6 @@ def prior_guided(glp: GLP, acts: torch.Tensor, offset: torch.Tensor, cfg: PriorC
         x = x + off / cfg.steps
         if cfg.weight > 0:
             z = (1.0 - t) * x
-            x_hat = z - t * glp(z, t, site)
+            x_hat = z - t * v(z, t)
             x = x + cfg.weight * (x_hat - x)
     return glp.denormalize(x, site).to(device=acts.device, dtype=acts.dtype)

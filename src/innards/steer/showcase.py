@@ -1,0 +1,611 @@
+"""``innards steer showcase``: steering concepts a small LM can express, raw vs GLP methods at equal concept.
+
+For each concept shipped in ``steer/prompts/`` (topics and moods of children's books: the sea,
+royalty, food, night, winter, happy vs sad):
+
+1. the steering vector is the difference of mean activations of ``<concept>.vector.txt`` and its
+   contrast set (``neutral.vector.txt``; ``sad.txt`` for happy), and the offline evaluator
+   (MiniLM + logistic regression) is trained on *other* sentences (``<concept>.eval.txt`` against
+   neutral and other-topic sentences; ``sad.eval.txt`` for happy), its held-out accuracy reported;
+2. raw steering is shown to move the concept: the paired rise of the concept score over r = 0 has a
+   bootstrap CI above zero at some strength before fluency collapses (NLL up by more than
+   ``collapse_nll`` nats/token, or distinct-2 below half the unsteered value); a concept that fails is
+   dropped from the comparison, and said so;
+3. methods on the same prompts, seeds and strengths: raw addition, GLP projection (SDEdit, each
+   ``schedule:t_start`` of ``projections``), prior-guided steering (:mod:`innards.steer.prior`, one run
+   per weight) and prompting (the concept stated before the prompt; no strength);
+4. at equal concept: each method's curve over strengths is read at fixed concept levels (linear
+   interpolation at the first crossing), and its fluency there (NLL under the unsteered model,
+   distinct-2) gets a bootstrap CI over prompts, paired across methods (the same resampled prompts),
+   with the difference to raw; the prompting baseline is compared at its own concept level;
+5. what survives projection: the fraction of a steering offset left after SDEdit (same noise with and
+   without the offset) at each t_start, and the LM cost of projecting clean activations (delta LM
+   loss on held-out documents of the store).
+
+GLP methods are repeated for every GLP given (e.g. several training seeds) and the spread of the
+equal-concept differences is reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from innards.config import at_least, require, to_dict, within
+from innards.data.store import ActivationStore
+from innards.glp.delta_lm import delta_lm_loss, sequences_from_rows
+from innards.glp.model import GLP
+from innards.errors import InnardsError
+from innards.glp.projection import ProjectionConfig
+from innards.hub import is_hub_id
+from innards.io import read_json
+from innards.models.config import MODEL_ALIASES, ModelConfig
+from innards.models.load import load_model
+from innards.models.sites import resolve_site
+from innards.run import Run
+from innards.steer.config import GENERATION_ALIASES, GenerationConfig, Positions, PriorConfig, glp_provenance
+from innards.steer.evaluator import ConceptEvaluator, train_evaluator
+from innards.steer.fluency import continuation_nll, distinct_n
+from innards.steer.generate import Steering, generate_steered, resolve_norm
+from innards.steer.texts import read_lines, read_prompts
+from innards.steer.vectors import diff_means
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+TOPICS = ("sea", "royalty", "food", "night", "winter")
+CONCEPTS = (*TOPICS, "happy")
+# the concept stated before the prompt (prompting baseline), a plain and an insistent version
+STATEMENTS = {
+    "sea": ("This is a story about the sea.", "This is a story about the sea, the waves, the ships and the sailors."),
+    "royalty": ("This is a story about a king and a queen.",
+                "This is a story about a king, a queen, a prince and a princess in their palace."),
+    "food": ("This is a story about food.", "This is a story about food: bread, cake, pie and soup for dinner."),
+    "night": ("This is a story about the night.", "This is a story about the dark night, the moon and the stars."),
+    "winter": ("This is a story about winter.", "This is a story about winter, with snow, ice and frost."),
+    "happy": ("This is a happy story.", "This is a happy story, full of joy, laughter and smiles."),
+}
+N_OTHER = 5  # sentences of each other topic among a topic evaluator's negatives
+N_NEUTRAL = 40
+
+
+@dataclass
+class ShowcaseConfig:
+    """``innards steer showcase``: concepts the LM can express, raw steering first, then methods at equal concept."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """the language model (a plain string is taken as its name)"""
+    site: str = "blocks.3.resid_post"
+    """activation site to steer"""
+    glp: list[str] = field(default_factory=list)
+    """GLP folders or hub ids of the site (required); the first is the main one, the others (e.g. other training seeds) repeat the GLP methods"""
+    acts: str = ""
+    """activation store of the site (required): ||a||, held-out activations for the survival of offsets, documents for the delta LM cost"""
+    concepts: list[str] = field(default_factory=lambda: list(CONCEPTS))
+    """packaged concepts to steer: sea, royalty, food, night, winter, happy"""
+    prompts: str = "stories"
+    """prompt file, one per line ('stories' = the 50 packaged story openings)"""
+    strengths: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0])
+    """relative strengths r (alpha = r * ||a||), shared by every steering method"""
+    projections: list[str] = field(default_factory=lambda: ["exact:0.3", "exact:0.5", "grid:0.3", "grid:0.5"])
+    """GLP projections compared, as schedule:t_start (exact = paper, grid = reference code)"""
+    project_steps: int = 20
+    """grid points of each projection"""
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    """prior-guided steering: steps and noise level (its weight is taken from --prior-weights)"""
+    prior_weights: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    """weights of the prior-guided runs (one method each)"""
+    positions: Positions = "last"
+    """positions steered (last = the reference code's: last prompt token, then every generated token)"""
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(batch_size=50))
+    """decoding settings (greedy by default, as the paper's sentiment steering)"""
+    levels: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
+    """concept levels P(concept) at which the methods' fluency is compared"""
+    collapse_nll: float = 2.0
+    """fluency has collapsed once the NLL rises by more than this (nats/token) over the unsteered text"""
+    survival_strengths: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    """strengths at which the fraction of the offset surviving SDEdit is measured"""
+    survival_t: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.7, 0.9])
+    """t_start values of the survival and delta-LM measurements"""
+    survival_rows: int = 4096
+    """held-out activations used for the survival fractions"""
+    delta_lm_docs: int = 128
+    """held-out documents of the store for the LM cost of projecting clean activations"""
+    n_boot: int = 2000
+    """bootstrap resamples over prompts"""
+    out: str = ""
+    """output folder (results.json, pareto.png, cells/) (required)"""
+    overwrite: bool = False
+    """replace an existing showcase made with other settings"""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, str):
+            self.model = ModelConfig(name=self.model)
+        bad = [c for c in self.concepts if c not in CONCEPTS]
+        require(not bad, f"--concepts must be among {', '.join(CONCEPTS)}, got {', '.join(bad)}")
+        require(bool(self.strengths) and all(math.isfinite(r) and r >= 0 for r in self.strengths),
+                "--strengths must be non-negative numbers")
+        self.strengths = sorted(set(float(r) for r in self.strengths))
+        require(self.strengths[0] == 0.0, "--strengths must include 0 (the unsteered reference)")
+        for p in self.projections:
+            parse_projection(p, self.project_steps)
+        require(all(0 <= w <= 1 for w in self.prior_weights), "--prior-weights must be in [0, 1]")
+        require(all(0 < c < 1 for c in self.levels), "--levels must be in (0, 1)")
+        require(all(0 < t <= 1 for t in self.survival_t), "--survival-t must be in (0, 1]")
+        at_least(self, 1, "project_steps", "survival_rows", "delta_lm_docs")
+        at_least(self, 100, "n_boot")
+        within(self, "collapse_nll", 0.0, 100.0, open_lo=True)
+
+    def check_inputs(self) -> None:
+        """Required flags and inputs, before any model loads."""
+        require(bool(self.glp), "--glp is required (one or more GLP folders)")
+        for g in self.glp:
+            require(Path(g).is_dir() or is_hub_id(g), f"--glp: no GLP folder (and not a hub id): {g}")
+        require(bool(self.acts) and Path(self.acts).is_dir(), f"--acts: activation store not found: {self.acts}")
+        require(bool(self.out), "--out is required")
+        read_prompts(self.prompts)
+
+
+SHOWCASE_ALIASES = {**MODEL_ALIASES, **GENERATION_ALIASES, "--n-bootstrap": "--n-boot"}
+
+
+def parse_projection(spec: str, steps: int) -> ProjectionConfig:
+    """'exact:0.3' -> ProjectionConfig(schedule='exact', t_start=0.3, steps=steps)."""
+    sched, _, t = spec.partition(":")
+    try:
+        return ProjectionConfig(t_start=float(t), steps=steps, schedule=sched)
+    except ValueError:
+        raise InnardsError(f"--projections entries are schedule:t_start (e.g. exact:0.3), got '{spec}'") from None
+
+
+# ---------------------------------------------------------------- concepts
+def concept_sentences(concept: str) -> dict[str, list[str]]:
+    """The packaged sentence sets of a concept: vector_pos/vector_neg (the vector) and eval_pos/eval_neg (the evaluator)."""
+    p = PROMPTS_DIR
+    if concept == "happy":
+        return {"vector_pos": read_lines(p / "happy.txt"), "vector_neg": read_lines(p / "sad.txt"),
+                "eval_pos": read_lines(p / "happy.eval.txt"), "eval_neg": read_lines(p / "sad.eval.txt")}
+    neg = read_lines(p / "neutral.eval.txt")[:N_NEUTRAL]
+    for other in TOPICS:
+        if other != concept:
+            neg += read_lines(p / f"{other}.eval.txt")[:N_OTHER]
+    return {"vector_pos": read_lines(p / f"{concept}.vector.txt"), "vector_neg": read_lines(p / "neutral.vector.txt"),
+            "eval_pos": read_lines(p / f"{concept}.eval.txt"), "eval_neg": neg}
+
+
+# ---------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class Method:
+    """One steering method of the comparison: its label and how it edits (or prompts)."""
+
+    name: str
+    kind: str  # raw, project, prior, prompt
+    glp_index: int = 0
+    project: ProjectionConfig | None = None
+    prior: PriorConfig | None = None
+    statement: int = 0  # prompt: which statement
+
+
+def methods_of(cfg: ShowcaseConfig) -> list[Method]:
+    """Every method compared: raw, each projection and prior weight for each GLP, and the two prompting levels."""
+    out = [Method("raw", "raw")]
+    for g in range(len(cfg.glp)):
+        tag = "" if g == 0 else f"@glp{g}"
+        for p in cfg.projections:
+            out.append(Method(f"sdedit-{p}{tag}", "project", g, project=parse_projection(p, cfg.project_steps)))
+        for w in cfg.prior_weights:
+            pr = PriorConfig(weight=w, steps=cfg.prior.steps, t=cfg.prior.t)
+            out.append(Method(f"prior-w{w:g}{tag}", "prior", g, prior=pr))
+    out += [Method("prompt-1", "prompt", statement=0), Method("prompt-2", "prompt", statement=1)]
+    return out
+
+
+def _cell_key(cfg: ShowcaseConfig, m: Method, concept: str, r: float, vector: torch.Tensor, norm: float,
+              glp_ids: list[str]) -> str:
+    d = {"model": to_dict(cfg.model), "site": cfg.site, "positions": cfg.positions, "generation": to_dict(cfg.generation),
+         "prompts": read_prompts(cfg.prompts), "concept": concept, "method": m.name, "r": r, "norm": round(norm, 10),
+         "vector": hashlib.sha256(vector.numpy().tobytes()).hexdigest(), "v": 1}
+    if m.kind in ("project", "prior"):
+        d |= {"glp": glp_ids[m.glp_index], "project": to_dict(m.project) if m.project else None,
+              "prior": to_dict(m.prior) if m.prior else None}
+    if m.kind == "prompt":
+        d = {k: d[k] for k in ("model", "generation", "prompts", "concept", "method", "v")} | {
+            "statement": STATEMENTS[concept][m.statement]}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- statistics
+def _boot_idx(n: int, n_boot: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def _ci(x: np.ndarray) -> list[float]:
+    x = x[np.isfinite(x)]
+    return [float(np.quantile(x, 0.025)), float(np.quantile(x, 0.975))] if x.size else [math.nan, math.nan]
+
+
+def at_level(conc: np.ndarray, vals: np.ndarray, level: float) -> np.ndarray:
+    """Values read off a curve at a concept level: conc, vals (S, B) along strengths -> (B,) (NaN when never reached).
+
+    The first crossing is used (a curve that rises and then falls in gibberish is read where it first gets
+    there); a curve already above the level at r = 0 reads its r = 0 value.
+    """
+    above = conc >= level
+    reached = above.any(0)
+    k = np.argmax(above, axis=0)
+    cols = np.arange(conc.shape[1])
+    km = np.maximum(k - 1, 0)
+    c0, c1 = conc[km, cols], conc[k, cols]
+    v0, v1 = vals[km, cols], vals[k, cols]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w = np.where(c1 > c0, (level - c0) / (c1 - c0), 1.0)
+    out = np.where(k == 0, vals[0, cols], v0 + np.clip(w, 0, 1) * (v1 - v0))
+    return np.where(reached, out, np.nan)
+
+
+def _mean_std(x: list[float]) -> dict[str, float]:
+    a = np.array([v for v in x if v is not None and math.isfinite(v)], dtype=float)
+    return {"mean": float(a.mean()) if a.size else math.nan, "std": float(a.std(ddof=1)) if a.size > 1 else math.nan,
+            "n": int(a.size)}
+
+
+# ---------------------------------------------------------------- the run
+def run_showcase(cfg: ShowcaseConfig) -> dict:
+    """Generate, score and compare every concept x method x strength; writes results.json and pareto.png."""
+    cfg.check_inputs()
+    out = Path(cfg.out)
+    with Run.open(out, "steer-showcase", cfg, inputs={"acts": cfg.acts, **{f"glp{i}": g for i, g in enumerate(cfg.glp)}},
+                  always_resume=True, overwrite=cfg.overwrite) as run:
+        if run.state == "complete":
+            run.say_complete()
+            return read_json(out / "results.json", "showcase results")
+        return _showcase(cfg, run)
+
+
+def _showcase(cfg: ShowcaseConfig, run: Run) -> dict:
+    t_start = time.perf_counter()
+    seed = cfg.generation.seed
+    model = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision)
+    site = resolve_site(model, cfg.site).name
+    glps = [GLP.from_pretrained(g) for g in cfg.glp]
+    for g in glps:
+        g.check_compatible(model, site)
+        g.to(next(model.parameters()).device).eval()
+    glp_ids = [json.dumps(glp_provenance(g, p), sort_keys=True) + str(g.meta.get("training", {}).get("val_loss"))
+               for g, p in zip(glps, cfg.glp)]
+    norm, norm_source = resolve_norm(site, acts=cfg.acts, model=model)
+    prompts = read_prompts(cfg.prompts)
+    methods = methods_of(cfg)
+    idx = _boot_idx(len(prompts), cfg.n_boot, seed)
+    results: dict = {"model": cfg.model.name, "site": site, "norm": norm, "norm_source": norm_source,
+                     "glps": [glp_provenance(g, p) for g, p in zip(glps, cfg.glp)],
+                     "glp_val_loss": [g.meta.get("training", {}).get("val_loss") for g in glps],
+                     "n_prompts": len(prompts), "strengths": cfg.strengths, "positions": cfg.positions,
+                     "generation": to_dict(cfg.generation), "levels": cfg.levels,
+                     "methods": [{"name": m.name, "kind": m.kind, "glp": m.glp_index if m.kind in ("project", "prior") else None,
+                                  "project": to_dict(m.project) if m.project else None,
+                                  "prior": to_dict(m.prior) if m.prior else None} for m in methods],
+                     "concepts": {}}
+    for concept in cfg.concepts:
+        results["concepts"][concept] = _concept(cfg, run, model, site, glps, glp_ids, norm, prompts, methods, idx,
+                                                concept)
+    results["summary"] = summarise_showcase(results, cfg, methods)
+    results["projection"] = [projection_costs(cfg, model, site, g, norm) for g in glps]
+    results["seconds"] = round(time.perf_counter() - t_start, 1)
+    run.write_json("results.json", results)
+    run.save_png("pareto.png", showcase_figure(results))
+    s = results["summary"]
+    run.complete(headline={"concepts_kept": len(s["kept"]), "concepts_dropped": len(s["dropped"]),
+                           **{f"{k}_mean_dnll_vs_raw": v for k, v in s["best_at_equal_concept"].items()}},
+                 outputs=["results.json", "pareto.png"])
+    print(format_showcase(results))
+    return results
+
+
+def _concept(cfg: ShowcaseConfig, run: Run, model: PreTrainedModel, site: str, glps: list[GLP], glp_ids: list[str],
+             norm: float, prompts: list[str], methods: list[Method], idx: np.ndarray, concept: str) -> dict:
+    seed = cfg.generation.seed
+    sents = concept_sentences(concept)
+    ev = train_evaluator(concept, sents["eval_pos"], sents["eval_neg"], seed=seed)
+    sv = diff_means(model, site, sents["vector_pos"], sents["vector_neg"], token="mean")
+    overlap = set(sents["vector_pos"] + sents["vector_neg"]) & set(sents["eval_pos"] + sents["eval_neg"])
+    tok = model.tokenizer
+    orig_ids = [list(tok(p)["input_ids"]) for p in prompts]
+    cells: dict[str, dict[float, list[dict]]] = {}
+    for m in methods:
+        cells[m.name] = {}
+        for r in ([None] if m.kind == "prompt" else cfg.strengths):
+            key = _cell_key(cfg, m, concept, r, sv.vector, norm, glp_ids)
+            name = f"cells/{concept}/{m.name}_r{(r if r is not None else 0):+.3f}.json"
+            path = run.root / name
+            recs = None
+            if path.is_file():
+                saved = read_json(path, "showcase cell")
+                if saved.get("key") == key:
+                    recs = saved["records"]
+            if recs is None:
+                recs = _generate(cfg, model, site, glps, sv.vector, norm, prompts, m, r, concept)
+                recs = score(model, ev, recs, orig_ids, cfg.generation.batch_size)
+                run.write_json(name, {"key": key, "records": recs}, indent=None)
+            cells[m.name][r] = recs
+    return analyse_concept(cfg, ev, sv.meta, cells, methods, idx, len(overlap))
+
+
+def _generate(cfg: ShowcaseConfig, model: PreTrainedModel, site: str, glps: list[GLP], vector: torch.Tensor, norm: float,
+              prompts: list[str], m: Method, r: float | None, concept: str) -> list[dict]:
+    desc = f"{concept} {m.name}" + (f" r={r:g}" if r is not None else "")
+    if m.kind == "prompt":
+        stated = [f"{STATEMENTS[concept][m.statement]} {p}" for p in prompts]
+        return generate_steered(model, stated, None, cfg.generation, desc=desc)
+    glp = glps[m.glp_index] if m.kind in ("project", "prior") else None
+    steering = Steering(site, vector, float(r) * norm, cfg.positions, glp, m.project or ProjectionConfig(),
+                        m.prior, cfg.generation.seed)
+    return generate_steered(model, prompts, steering, cfg.generation, desc=desc)
+
+
+def score(model: PreTrainedModel, ev: ConceptEvaluator, recs: list[dict], orig_ids: list[list[int]],
+          batch_size: int) -> list[dict]:
+    """Concept probability, NLL under the unsteered model given the *original* prompt, distinct-2 (compact records)."""
+    conc = ev.score([x["continuation"] for x in recs])
+    nll = continuation_nll(model, [orig_ids[x["prompt_index"]] for x in recs], [x["continuation_ids"] for x in recs],
+                           batch_size=batch_size, progress=False)
+    return [{"prompt_index": x["prompt_index"], "continuation": x["continuation"], "concept": float(c),
+             "nll": None if math.isnan(n) else float(n), "distinct2": _nan_none(distinct_n(x["continuation"], 2))}
+            for x, c, n in zip(recs, conc, nll)]
+
+
+def _nan_none(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+def _matrix(recs: list[dict], key: str, n: int) -> np.ndarray:
+    a = np.full(n, np.nan)
+    for x in recs:
+        if x.get(key) is not None:
+            a[x["prompt_index"]] = x[key]
+    return a
+
+
+def analyse_concept(cfg: ShowcaseConfig, ev: ConceptEvaluator, vector_meta: dict, cells: dict[str, dict],
+                    methods: list[Method], idx: np.ndarray, overlap: int) -> dict:
+    """Curves with CIs, the raw-steering test, and every method read at the concept levels (paired bootstrap)."""
+    with warnings.catch_warnings():
+        # continuations too short for distinct-2 are NaN; a resample of only such rows has no mean
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _analyse(cfg, ev, vector_meta, cells, methods, idx, overlap)
+
+
+def _analyse(cfg: ShowcaseConfig, ev: ConceptEvaluator, vector_meta: dict, cells: dict[str, dict],
+             methods: list[Method], idx: np.ndarray, overlap: int) -> dict:
+    n = idx.shape[1]
+    S = cfg.strengths
+    res: dict = {"evaluator": {"accuracy": ev.accuracy, "n_train": ev.n_train, "n_test": ev.n_test, "C": ev.C,
+                               "sentences_shared_with_vector": overlap},
+                 "vector": {"raw_norm": vector_meta["raw_norm"], "n_pos": vector_meta["n_pos"],
+                            "n_neg": vector_meta["n_neg"], "token": vector_meta["token"]},
+                 "curves": {}, "prompting": {}}
+    boot: dict[str, dict[str, np.ndarray]] = {}
+    for m in methods:
+        if m.kind == "prompt":
+            recs = cells[m.name][None]
+            arr = {k: _matrix(recs, k, n) for k in ("concept", "nll", "distinct2")}
+            b = {k: np.nanmean(v[idx], axis=1) for k, v in arr.items()}
+            res["prompting"][m.name] = {k: float(np.nanmean(arr[k])) for k in arr} | {
+                f"{k}_ci": _ci(b[k]) for k in arr} | {"statement": None}
+            boot[m.name] = {k: v[None] for k, v in b.items()}
+            continue
+        arr = {k: np.stack([_matrix(cells[m.name][r], k, n) for r in S]) for k in ("concept", "nll", "distinct2")}
+        b = {k: np.nanmean(v[:, idx], axis=2) for k, v in arr.items()}  # (S, B)
+        boot[m.name] = b
+        res["curves"][m.name] = [{"strength": r, **{k: float(np.nanmean(arr[k][i])) for k in arr},
+                                  **{f"{k}_ci": _ci(b[k][i]) for k in arr}} for i, r in enumerate(S)]
+        if m.name == "raw":
+            res["raw_test"] = raw_moves(arr, b, S, cfg.collapse_nll)
+    # equal concept: each method's NLL and distinct-2 at the levels, and its paired difference to raw
+    eq: dict = {}
+    raw = boot["raw"]
+    levels = [lv for lv in cfg.levels]
+    for m in methods:
+        if m.kind == "prompt":
+            continue
+        bm = boot[m.name]
+        rows = []
+        for lv in levels:
+            nl, d2 = at_level(bm["concept"], bm["nll"], lv), at_level(bm["concept"], bm["distinct2"], lv)
+            rn, rd = at_level(raw["concept"], raw["nll"], lv), at_level(raw["concept"], raw["distinct2"], lv)
+            rows.append({"level": lv, "reached": float(np.isfinite(nl).mean()),
+                         "nll": _nanmean(nl), "nll_ci": _ci(nl), "distinct2": _nanmean(d2), "distinct2_ci": _ci(d2),
+                         "nll_minus_raw": _nanmean(nl - rn), "nll_minus_raw_ci": _ci(nl - rn),
+                         "distinct2_minus_raw": _nanmean(d2 - rd), "distinct2_minus_raw_ci": _ci(d2 - rd)})
+        eq[m.name] = rows
+    res["equal_concept"] = eq
+    # the prompting baseline at its own concept level: each steering method's NLL there, minus prompting's
+    for p in [m for m in methods if m.kind == "prompt"]:
+        bp = boot[p.name]
+        level = float(res["prompting"][p.name]["concept"])
+        cmp = {}
+        for m in methods:
+            if m.kind == "prompt":
+                continue
+            bm = boot[m.name]
+            nl = np.array([at_level(bm["concept"][:, [j]], bm["nll"][:, [j]], bp["concept"][0, j])[0]
+                           for j in range(bm["concept"].shape[1])])
+            cmp[m.name] = {"nll": _nanmean(nl), "nll_ci": _ci(nl), "reached": float(np.isfinite(nl).mean()),
+                           "nll_minus_prompting": _nanmean(nl - bp["nll"][0]),
+                           "nll_minus_prompting_ci": _ci(nl - bp["nll"][0])}
+        res["prompting"][p.name] |= {"level": level, "methods_at_this_concept": cmp}
+    return res
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else math.nan
+
+
+def raw_moves(arr: dict[str, np.ndarray], b: dict[str, np.ndarray], strengths: list[float], collapse_nll: float) -> dict:
+    """Does raw steering raise the concept (paired CI above 0) at some strength before fluency collapses?"""
+    base_nll, base_d2 = float(np.nanmean(arr["nll"][0])), float(np.nanmean(arr["distinct2"][0]))
+    rows, first_sig, collapse = [], None, None
+    for i, r in enumerate(strengths):
+        if i == 0:
+            continue
+        d = b["concept"][i] - b["concept"][0]
+        lo, hi = _ci(d)
+        nll, d2 = float(np.nanmean(arr["nll"][i])), float(np.nanmean(arr["distinct2"][i]))
+        collapsed = nll - base_nll > collapse_nll or d2 < 0.5 * base_d2
+        if collapsed and collapse is None:
+            collapse = r
+        if lo > 0 and collapse is None and first_sig is None:
+            first_sig = r
+        rows.append({"strength": r, "concept_rise": float(np.nanmean(arr["concept"][i] - arr["concept"][0])),
+                     "concept_rise_ci": [lo, hi], "nll": nll, "distinct2": d2, "collapsed": collapsed})
+    return {"passes": first_sig is not None, "first_significant_strength": first_sig, "collapse_strength": collapse,
+            "unsteered_nll": base_nll, "unsteered_distinct2": base_d2, "by_strength": rows,
+            "rule": f"pass: the paired 95% CI of concept(r) - concept(0) excludes 0 at some r below the first r where "
+                    f"NLL rises by more than {collapse_nll:g} nats/token or distinct-2 falls below half its unsteered value"}
+
+
+def summarise_showcase(results: dict, cfg: ShowcaseConfig, methods: list[Method]) -> dict:
+    """Across kept concepts: mean NLL difference to raw at each level, the best method per level, GLP-seed spread."""
+    kept = [c for c, r in results["concepts"].items() if r["raw_test"]["passes"]]
+    dropped = {c: r["raw_test"] for c, r in results["concepts"].items() if c not in kept}
+    names = [m.name for m in methods if m.kind not in ("prompt",)]
+    per_level: dict = {}
+    for li, lv in enumerate(cfg.levels):
+        row = {}
+        for name in names:
+            diffs = [results["concepts"][c]["equal_concept"][name][li]["nll_minus_raw"] for c in kept]
+            sig = [results["concepts"][c]["equal_concept"][name][li]["nll_minus_raw_ci"] for c in kept]
+            fin = [(d, s) for d, s in zip(diffs, sig) if math.isfinite(d)]
+            row[name] = {"mean_nll_minus_raw": float(np.mean([d for d, _ in fin])) if fin else math.nan,
+                         "concepts_compared": len(fin),
+                         "concepts_better_ci": sum(1 for _, s in fin if s[1] < 0),
+                         "concepts_worse_ci": sum(1 for _, s in fin if s[0] > 0)}
+        best = min((n for n in names if math.isfinite(row[n]["mean_nll_minus_raw"]) and row[n]["concepts_compared"]),
+                   key=lambda n: row[n]["mean_nll_minus_raw"], default=None)
+        per_level[f"{lv:g}"] = {"methods": row, "best": best}
+    base = {m.name.split("@")[0] for m in methods if m.kind in ("project", "prior")}
+    # spread over GLPs (training seeds): a method's mean NLL difference at each level, one value per GLP
+    spread = {}
+    for b in sorted(base):
+        spread[b] = {}
+        for lv, pl in per_level.items():
+            vals = [pl["methods"][n]["mean_nll_minus_raw"] for n in names if n.split("@")[0] == b]
+            spread[b][lv] = _mean_std(vals) | {"values": vals}
+    overall = {}
+    for b in sorted(base):
+        vals = [pl["methods"][b]["mean_nll_minus_raw"] for pl in per_level.values()]
+        overall[b] = _nanmean(np.array(vals, dtype=float))
+    return {"kept": kept, "dropped": {c: {"first_significant_strength": d["first_significant_strength"],
+                                          "collapse_strength": d["collapse_strength"]} for c, d in dropped.items()},
+            "per_level": per_level, "glp_seed_spread": spread, "best_at_equal_concept": overall}
+
+
+# ---------------------------------------------------------------- projection costs
+@torch.no_grad()
+def projection_costs(cfg: ShowcaseConfig, model: PreTrainedModel, site: str, glp: GLP, norm: float) -> dict:
+    """Fraction of a steering offset surviving SDEdit per t_start, and the delta LM loss of projecting clean activations."""
+    store = ActivationStore(cfg.acts)
+    rows = store.split_rows("val")
+    rng = np.random.default_rng(cfg.generation.seed)
+    pick = np.sort(rng.choice(rows, size=min(cfg.survival_rows, rows.size), replace=False))
+    a = store.rows(pick, site=site, normalize=False).float().to(glp.device)
+    g = torch.Generator(device="cpu").manual_seed(cfg.generation.seed)
+    v = torch.randn(a.shape[1], generator=g)
+    v = (v / v.norm()).to(glp.device)
+    surv: dict = {}
+    for sched in ("exact", "grid"):
+        for t in cfg.survival_t:
+            pc = ProjectionConfig(t_start=t, steps=cfg.project_steps, schedule=sched)
+            noise = torch.randn(a.shape, generator=g).to(glp.device)
+            base = glp.project(a, noise=noise, site=site, **pc.kwargs())
+            row = {}
+            for r in cfg.survival_strengths:
+                alpha = r * norm
+                moved = glp.project(a + alpha * v, noise=noise, site=site, **pc.kwargs())
+                kept = ((moved - base) @ v) / alpha
+                kept_abs = ((moved - a) @ v) / alpha
+                row[f"r{r:g}"] = {"kept_fraction": float(kept.mean()), "kept_fraction_sd": float(kept.std()),
+                                  "kept_vs_clean": float(kept_abs.mean())}
+            surv[f"{sched}:{t:g}"] = row
+    docs = sequences_from_rows(store.doc_ids[rows], store.positions[rows], store.token_ids[rows],
+                               model.tokenizer.bos_token_id, max_len=64, max_docs=cfg.delta_lm_docs, seed=0)
+    reps = {}
+    for sched in ("exact", "grid"):
+        for t in cfg.survival_t:
+            pc = ProjectionConfig(t_start=t, steps=cfg.project_steps, schedule=sched)
+            reps[f"{sched}:{t:g}"] = (lambda x, pc=pc: glp.project(x.float(), seed=0, site=site, **pc.kwargs()))
+    dl = delta_lm_loss(model, site, docs, reps, bos_id=model.tokenizer.bos_token_id,
+                       pad_id=model.tokenizer.pad_token_id or 0, progress=False)
+    return {"random_direction_survival": surv,
+            "delta_lm": {"lm_loss_clean": dl["lm_loss_clean"], "docs": dl["delta_lm_docs"], "tokens": dl["delta_lm_tokens"],
+                         **{k: {"delta": dl[f"delta_lm_{k}"], "se": dl[f"delta_lm_{k}_se"]} for k in reps}},
+            "note": "kept_fraction = <P(a + alpha v) - P(a), v> / alpha with the same noise for both (1 = the offset "
+                    "survives whole); kept_vs_clean = <P(a + alpha v) - a, v> / alpha; v a random unit direction"}
+
+
+# ---------------------------------------------------------------- reporting
+COLORS = {"raw": "tab:red", "sdedit-exact:0.3": "tab:blue", "sdedit-exact:0.5": "navy", "sdedit-grid:0.3": "tab:cyan",
+          "sdedit-grid:0.5": "teal", "prior-w0.25": "tab:green", "prior-w0.5": "darkgreen"}
+
+
+def showcase_figure(results: dict) -> plt.Figure:
+    """One panel per concept: concept score vs NLL per method along strengths (main GLP), prompting as stars."""
+    concepts = list(results["concepts"])
+    cols = 3
+    rows = math.ceil(len(concepts) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
+    for ax, c in zip(axes.flat, concepts):
+        r = results["concepts"][c]
+        for name, curve in r["curves"].items():
+            if "@" in name:
+                continue
+            x = [p["nll"] for p in curve]
+            y = [p["concept"] for p in curve]
+            ax.plot(x, y, "o-", ms=3, lw=1.2, color=COLORS.get(name), label=name)
+            ax.annotate(f"r={curve[-1]['strength']:g}", (x[-1], y[-1]), fontsize=6, color=COLORS.get(name))
+        for name, p in r["prompting"].items():
+            ax.errorbar([p["nll"]], [p["concept"]], xerr=[[p["nll"] - p["nll_ci"][0]], [p["nll_ci"][1] - p["nll"]]],
+                        yerr=[[p["concept"] - p["concept_ci"][0]], [p["concept_ci"][1] - p["concept"]]],
+                        fmt="*", ms=10, color="black" if name == "prompt-1" else "gray", label=name)
+        t = r["raw_test"]
+        status = "kept" if t["passes"] else "DROPPED: raw steering does not move it"
+        ax.set_title(f"{c} (evaluator acc. {r['evaluator']['accuracy']:.2f}; {status})", fontsize=9)
+        ax.set_xlabel("fluency: NLL under the unsteered LM (nats/token, lower = better)", fontsize=8)
+        ax.set_ylabel(f"concept: P({c} | continuation)", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(concepts):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6, loc="best")
+    fig.suptitle(f"Steering the demo LM at {results['site']}: concept vs fluency along strength r = 0..{results['strengths'][-1]:g} "
+                 f"({results['n_prompts']} prompts, greedy; main GLP), prompting baseline as stars", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def format_showcase(results: dict) -> str:
+    """Plain-text summary: per concept the raw test, then per level the best method and its mean NLL difference."""
+    lines = []
+    for c, r in results["concepts"].items():
+        t = r["raw_test"]
+        lines.append(f"{c:<8} evaluator acc {r['evaluator']['accuracy']:.2f}  raw moves it: {t['passes']} "
+                     f"(first significant r {t['first_significant_strength']}, collapse at r {t['collapse_strength']})")
+    s = results["summary"]
+    for lv, pl in s["per_level"].items():
+        best = pl["best"]
+        if best:
+            b = pl["methods"][best]
+            lines.append(f"concept {lv}: best {best} (NLL {b['mean_nll_minus_raw']:+.3f} vs raw, better in "
+                         f"{b['concepts_better_ci']}/{b['concepts_compared']} concepts with CI)")
+    return "\n".join(lines)
