@@ -475,7 +475,7 @@ def _from_run_json(rj: Path, target: Path, info: RunInfo) -> None:
             if status != "running":
                 raise Damaged(str(e)) from None
         info.headline = {**info.headline, **hl}
-        info.status = status if info.status != "damaged" else info.status
+        info.status = status  # run.json's own status wins over what the files suggest
 
 
 # ---------------------------------------------------------------- the walk

@@ -118,8 +118,9 @@ class Pages:
         out: dict[str, Any] = {"run": run.summary(), "kind": run.kind}
         builder = getattr(self, "_page_" + run.kind.replace("-", "_"), None)
         try:
-            out["config"] = _text((run.path if run.path.is_dir() else run.path.parent) /
-                                  ("config.yaml" if run.path.is_dir() else run.path.name.split(".")[0] + ".config.yaml"))
+            names = [str(run.meta["config"])] if run.meta.get("config") else []
+            names.append("config.yaml" if run.path.is_dir() else run.path.name.split(".")[0] + ".config.yaml")
+            out["config"] = next((t for t in (_text(run.folder / n) for n in names if "/" not in n) if t), None)
             out["run_json"] = run.meta if run.source == "run.json" else None
             if builder is None:
                 out.update(self._page_generic(run))
