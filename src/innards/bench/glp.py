@@ -192,8 +192,7 @@ def _child_train(args: dict[str, Any]) -> dict[str, Any]:
     rate = len(timed) / sum(1.0 / r["act_per_s"] for r in timed) if timed else float("nan")
     glp = GLP.from_pretrained(out)
     c = glp.config
-    state = json.loads((out / "resume" / "state.json").read_text())
-    dtype = torch.bfloat16 if state["precision"] == "bf16" else torch.float32
+    dtype = torch.bfloat16 if glp.meta["training"]["precision"] == "bf16" else torch.float32
     peak = matmul_peak(model_shapes(c.d_in, c.d_model, c.d_mlp, c.n_blocks, cfg.batch_size), dtype, torch.device("cpu")
                        if not torch.cuda.is_available() else torch.device("cuda"))
     n = glp.n_params
@@ -205,7 +204,7 @@ def _child_train(args: dict[str, Any]) -> dict[str, Any]:
         return sum(vals) / len(vals) if vals else None
 
     return {"train_activations_per_s": rate, "train_flops_per_s": flops, "matmul_peak_flops_per_s": peak,
-            "mfu": flops / peak if peak else None, "precision": state["precision"], "n_params": n,
+            "mfu": flops / peak if peak else None, "precision": glp.meta["training"]["precision"], "n_params": n,
             "peak_rss_mb": peak_rss_mb(),
             "peak_rss_anon_mb": max((x.get("RssAnon", 0.0) for x in samples), default=None),
             "peak_rss_file_mb": max((x.get("RssFile", 0.0) for x in samples), default=None),
