@@ -441,3 +441,12 @@ def test_kill_inside_checkpoint_writes_then_again_resumes_bit_exactly(store, tmp
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
     assert not [p for p in out.rglob(".*.tmp*")]  # no orphan temporary files
     assert [p.name for p in (out / "resume").iterdir() if p.name != "LATEST"] == ["step_0000024"]
+
+
+def test_a_run_killed_before_its_first_resume_state_starts_again(store, tmp_path, reference_run):
+    out = tmp_path / "run"
+    cfg = _cfg(store, out, ema=0.9)
+    _killed(cfg, "optimizer file", 1)  # inside the very first resume state: nothing to continue
+    train_glp(cfg)  # the plain command starts again (no --resume needed, nothing is lost)
+    wa, wb = _weights(reference_run), _weights(out)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -145,7 +145,7 @@ class GLPTrainConfig:
     stream: bool = False
     """harvest --harvest.site of --harvest.model.name on --harvest.text while training, through a bounded on-disk buffer"""
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
-    """stream mode: what to harvest and how (its tokens, out and overwrite are unused: --tokens/--steps and --out decide)"""
+    """stream mode: what to harvest and how (its tokens, out, overwrite and seed are unused: --tokens/--steps, --out and --seed decide)"""
     buffer_gb: float = 2.0
     """stream mode: disk bound of the buffer (GB)"""
     stats_rows: int = 262144
@@ -549,7 +549,7 @@ def train_glp(cfg: GLPTrainConfig) -> Path:
     rec = read_run(out)
     # a run that died before its first resume state holds nothing to continue: start it again
     restart = (rec is not None and rec.get("kind") == "glp" and rec.get("status") == "running"
-               and not has_checkpoint(out / RESUME_DIR) and not cfg.resume)
+               and not has_checkpoint(out / RESUME_DIR))
     run = Run.open(out, "glp", cfg, inputs={"acts": cfg.acts} if cfg.acts else {}, resume=cfg.resume,
                    overwrite=cfg.overwrite or restart, free=RESUME_FREE, main=dist.main)
     try:
@@ -562,9 +562,6 @@ def train_glp(cfg: GLPTrainConfig) -> Path:
             if dist.main:
                 run.say_complete()
             return out
-        if state == "resume" and not has_checkpoint(out / RESUME_DIR):
-            # started but killed before its first resume state: nothing to continue, start again
-            state = "new"
         dist.barrier()
         source = store if store is not None else _stream_source(cfg, dist, resume=state == "resume")
         try:
@@ -575,7 +572,7 @@ def train_glp(cfg: GLPTrainConfig) -> Path:
                     remove_orphans(out)
                     for d in (out / "checkpoints").glob("step_*"):
                         remove_orphans(d)
-            finished = _fit(trainer, run, resumed=state == "resume")
+            finished = _fit(trainer, resumed=state == "resume")
         finally:
             source.close()
         if finished and dist.main:
@@ -633,7 +630,7 @@ def _stream_source(cfg: GLPTrainConfig, dist: Dist, resume: bool) -> StreamSourc
     return StreamSource(root, spec, cfg.batch_size, resume=resume, producer=cfg.stream_producer)
 
 
-def _fit(tr: GLPTrainer, run: Run, resumed: bool) -> bool:
+def _fit(tr: GLPTrainer, resumed: bool) -> bool:
     """The loop: steps, metrics, validation, checkpoints and resume states; True when the run finished."""
     cfg, dist, out = tr.cfg, tr.dist, tr.out
     ckpts = set(checkpoint_steps(tr.total, cfg.checkpoints))
