@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from innards.glp.model import GLP
-from innards.io import load_tensors
+from innards.tensors import load_tensors
 from innards.run import detect_kind
 
 FIXTURE = Path(__file__).parent / "fixtures" / "glp-v1"

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from innards.cli import main
-from innards.io import load_tensors
+from innards.tensors import load_tensors
 
 FIXTURE = Path(__file__).parent / "fixtures" / "glp-v1"
 

@@ -99,7 +99,7 @@ def test_glp_score_writes_per_token_scores(tiny, tmp_path, capsys):
     from tiny_models import SENTENCES
 
     from innards.cli import main
-    from innards.io import load_tensors
+    from innards.tensors import load_tensors
 
     text = tmp_path / "t.txt"
     text.write_text("\n\n".join(SENTENCES * 2))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from innards.errors import InnardsError
-from innards.io import load_tensors
+from innards.tensors import load_tensors
 from innards.vpd.config import load_config
 from innards.vpd.train import train
 

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import matplotlib.pyplot as plt
 import yaml
 
 from innards.config import diff, save_config, to_dict
@@ -272,7 +271,9 @@ def save_png(path: str | Path, fig: Figure, dpi: int = 110) -> Path:
     """Atomically save a matplotlib figure as PNG and close it (the one PNG writer)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
+    pyplot = sys.modules.get("matplotlib.pyplot")  # a figure made with pyplot is closed there; importing it here would slow every command
+    if pyplot is not None:
+        pyplot.close(fig)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(p, buf.getvalue())

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from innards.bench.memory import peak_rss_mb
-from innards.io import save_tensors, write_json
+from innards.io import write_json
+from innards.tensors import save_tensors
 from innards.viewer.discover import discover
 from innards.viewer.pages import Pages
 from innards.viewer.report import build_report

@@ -41,7 +41,8 @@ from innards.data.stats import Moments, merge_all
 from innards.data.store import BF16_NOTE, FORMAT, FORMAT_VERSION, INDEX_DTYPE, STORAGE, read_manifest
 from innards.data.text import ORDERS, SPLITS, Batch, GenerateSource, TextSource, framing, iter_batches, iter_chunks, open_text
 from innards.errors import InnardsError
-from innards.io import atomic_write_bytes, load_tensors, read_json, save_tensors, write_json
+from innards.io import atomic_write_bytes, read_json, write_json
+from innards.tensors import load_tensors, save_tensors
 from innards.models.config import ModelConfig
 from innards.models.hooks import run_with_cache
 from innards.models.load import load_model

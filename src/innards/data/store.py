@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from innards.errors import ChecksumError, InnardsError
-from innards.io import load_tensors, read_json, sha256_file
+from innards.io import read_json, sha256_file
+from innards.tensors import load_tensors
 
 FORMAT = "innards.activation_store"
 FORMAT_VERSION = 1

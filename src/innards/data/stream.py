@@ -57,7 +57,8 @@ from innards.data.shards import SHARDS, ShardWriter, committed, read_record, rea
 from innards.data.sources import SiteStats, Source
 from innards.data.stats import Moments
 from innards.errors import InnardsError
-from innards.io import load_tensors, read_json, save_tensors, write_json
+from innards.io import read_json, write_json
+from innards.tensors import load_tensors, save_tensors
 from innards.models.config import ModelConfig
 
 POLL_S = 0.05

@@ -39,7 +39,8 @@ from innards import hub
 from innards.errors import ChecksumError, InnardsError
 from innards.glp import reference as ref
 from innards.glp import schedule as sch
-from innards.io import load_tensors, read_json, save_tensors, sha256_file, write_json
+from innards.io import read_json, sha256_file, write_json
+from innards.tensors import load_tensors, save_tensors
 
 FORMAT = "innards-glp"
 FORMAT_VERSION = 1

@@ -50,7 +50,8 @@ import yaml
 
 from innards.data.store import ActivationStore
 from innards.errors import InnardsError
-from innards.io import atomic_write_bytes, load_tensors, save_tensors
+from innards.io import atomic_write_bytes
+from innards.tensors import load_tensors, save_tensors
 from innards.models.sites import INDEX_CONVENTION
 
 CONFIG = "config.yaml"

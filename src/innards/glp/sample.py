@@ -13,7 +13,8 @@ import torch
 from innards.config import at_least, require
 from innards.errors import InnardsError
 from innards.glp.model import GLP
-from innards.io import atomic_write_bytes, save_tensors
+from innards.io import atomic_write_bytes
+from innards.tensors import save_tensors
 from innards.run import Run
 from innards.runtime import default_device
 

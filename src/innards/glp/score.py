@@ -35,7 +35,7 @@ from innards.data.text import Batch, Document, framing, iter_chunks, iter_docume
 from innards.errors import InnardsError
 from innards.glp.gaussian import GaussianFlow
 from innards.glp.model import GLP
-from innards.io import save_tensors
+from innards.tensors import save_tensors
 from innards.models.config import ModelConfig
 from innards.models.hooks import capture
 from innards.models.load import load_model

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from innards.errors import InnardsError
-from innards.io import load_tensors, save_tensors
+from innards.tensors import load_tensors, save_tensors
 from innards.models.hooks import run_with_cache
 from innards.models.load import ENCODER_TYPES
 

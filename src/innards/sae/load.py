@@ -28,7 +28,8 @@ import yaml
 
 from innards import hub
 from innards.errors import InnardsError
-from innards.io import load_tensors, read_json
+from innards.io import read_json
+from innards.tensors import load_tensors
 from innards.sae.model import ARCHITECTURES, CFG_FILE, WEIGHTS_FILE, SparseAutoencoder
 
 _HUB_FILES = [CFG_FILE, "*.safetensors"]

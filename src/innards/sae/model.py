@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from innards.errors import InnardsError
-from innards.io import save_tensors, write_json
+from innards.io import write_json
+from innards.tensors import save_tensors
 
 ARCHITECTURES = ("standard", "topk", "jumprelu")
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")

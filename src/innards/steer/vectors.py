@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from innards.config import at_least, require
 from innards.errors import InnardsError
-from innards.io import save_tensors, sha256_file
+from innards.io import sha256_file
+from innards.tensors import save_tensors
 from innards.models.config import MODEL_ALIASES, ModelConfig
 from innards.models.hooks import run_with_cache
 from innards.models.load import load_model

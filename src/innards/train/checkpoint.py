@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from innards.errors import InnardsError
-from innards.io import load_tensors, read_json, save_tensors, write_json
+from innards.io import read_json, write_json
+from innards.tensors import load_tensors, save_tensors
 
 LATEST = "LATEST"
 STATE = "state.json"

@@ -12,7 +12,8 @@ from torch import nn
 
 from innards.config import load_yaml, to_dict
 from innards.errors import InnardsError
-from innards.io import load_tensors, read_json, save_tensors, write_json
+from innards.io import read_json, write_json
+from innards.tensors import load_tensors, save_tensors
 from innards.vpd.ci import build_ci
 from innards.vpd.components import Decomposition
 from innards.vpd.config import TargetConfig, VPDConfig, config_from_dict

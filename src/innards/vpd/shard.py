@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from innards.errors import InnardsError
-from innards.io import load_tensors, save_tensors, write_json
+from innards.io import write_json
+from innards.tensors import load_tensors, save_tensors
 from innards.vpd.components import Decomposition
 from innards.vpd.config import result_settings
 from innards.vpd.run import Built, build, load_decomposition_tensors, load_target, run_meta

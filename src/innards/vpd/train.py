@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from innards.config import load_yaml, save_config, to_dict
 from innards.errors import InnardsError
-from innards.io import load_tensors, read_json, save_tensors, write_json
+from innards.io import read_json, write_json
+from innards.tensors import load_tensors, save_tensors
 from innards.runlog import MetricsLog
 from innards.runtime import Dist, init_dist, seed_everything
 from innards.vpd.adversary import PersistentPGD, adv_loss, fresh_pgd_term
