@@ -72,7 +72,7 @@ def test_showcase_end_to_end_tiny(env):
     out = tmp / "show"
     args = ["steer", "showcase", "--model", str(env["dir"]), "--site", SITE, "--glp", str(tmp / "glp"), str(tmp / "glp"),
             "--acts", str(tmp / "store"), "--concepts", "sea", "--prompts", str(tmp / "prompts.txt"),
-            "--strengths", "0,1,4", "--projections", "exact:0.3", "--project-steps", "3", "--prior-weights", "0.5",
+            "--strengths", "0,1,4", "--projections", "exact:0.3", "--project-steps", "3", "--prior-weights", "0.5", "--seed-projections", "exact:0.3", "--seed-prior-weights", "0.5", "--keep-failing",
             "--max-new-tokens", "4", "--levels", "0.3,0.6", "--n-boot", "200", "--survival-t", "0.3,0.5",
             "--survival-rows", "32", "--delta-lm-docs", "4", "--out", str(out)]
     assert cli(args) == 0

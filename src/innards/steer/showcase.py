@@ -96,7 +96,7 @@ class ShowcaseConfig:
     """packaged concepts to steer: sea, royalty, food, night, winter, happy"""
     prompts: str = "stories"
     """prompt file, one per line ('stories' = the 50 packaged story openings)"""
-    strengths: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0])
+    strengths: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2, 1.6])
     """relative strengths r (alpha = r * ||a||), shared by every steering method"""
     projections: list[str] = field(default_factory=lambda: ["exact:0.3", "exact:0.5", "grid:0.3", "grid:0.5"])
     """GLP projections compared, as schedule:t_start (exact = paper, grid = reference code)"""
@@ -104,14 +104,20 @@ class ShowcaseConfig:
     """grid points of each projection"""
     prior: PriorConfig = field(default_factory=PriorConfig)
     """prior-guided steering: steps and noise level (its weight is taken from --prior-weights)"""
-    prior_weights: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    prior_weights: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
     """weights of the prior-guided runs (one method each)"""
+    seed_projections: list[str] = field(default_factory=lambda: ["exact:0.3", "exact:0.5"])
+    """projections repeated with the second and later GLPs (the seed spread)"""
+    seed_prior_weights: list[float] = field(default_factory=lambda: [0.5])
+    """prior-guided weights repeated with the second and later GLPs"""
     positions: Positions = "last"
     """positions steered (last = the reference code's: last prompt token, then every generated token)"""
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(batch_size=50))
     """decoding settings (greedy by default, as the paper's sentiment steering)"""
-    levels: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
+    levels: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5])
     """concept levels P(concept) at which the methods' fluency is compared"""
+    keep_failing: bool = False
+    """compare the methods also on concepts that raw steering does not move (they stay marked as failing)"""
     collapse_nll: float = 2.0
     """fluency has collapsed once the NLL rises by more than this (nats/token) over the unsteered text"""
     survival_strengths: list[float] = field(default_factory=lambda: [0.5, 1.0])
@@ -138,9 +144,10 @@ class ShowcaseConfig:
                 "--strengths must be non-negative numbers")
         self.strengths = sorted(set(float(r) for r in self.strengths))
         require(self.strengths[0] == 0.0, "--strengths must include 0 (the unsteered reference)")
-        for p in self.projections:
+        for p in self.projections + self.seed_projections:
             parse_projection(p, self.project_steps)
-        require(all(0 <= w <= 1 for w in self.prior_weights), "--prior-weights must be in [0, 1]")
+        require(all(0 <= w <= 1 for w in self.prior_weights + self.seed_prior_weights),
+                "--prior-weights and --seed-prior-weights must be in [0, 1]")
         require(all(0 < c < 1 for c in self.levels), "--levels must be in (0, 1)")
         require(all(0 < t <= 1 for t in self.survival_t), "--survival-t must be in (0, 1]")
         at_least(self, 1, "project_steps", "survival_rows", "delta_lm_docs")
@@ -198,13 +205,13 @@ class Method:
 
 
 def methods_of(cfg: ShowcaseConfig) -> list[Method]:
-    """Every method compared: raw, each projection and prior weight for each GLP, and the two prompting levels."""
+    """Every method compared: raw, each projection and prior weight (the seed subset for later GLPs), prompting."""
     out = [Method("raw", "raw")]
     for g in range(len(cfg.glp)):
         tag = "" if g == 0 else f"@glp{g}"
-        for p in cfg.projections:
+        for p in (cfg.projections if g == 0 else cfg.seed_projections):
             out.append(Method(f"sdedit-{p}{tag}", "project", g, project=parse_projection(p, cfg.project_steps)))
-        for w in cfg.prior_weights:
+        for w in (cfg.prior_weights if g == 0 else cfg.seed_prior_weights):
             pr = PriorConfig(weight=w, steps=cfg.prior.steps, t=cfg.prior.t)
             out.append(Method(f"prior-w{w:g}{tag}", "prior", g, prior=pr))
     out += [Method("prompt-1", "prompt", statement=0), Method("prompt-2", "prompt", statement=1)]
@@ -323,7 +330,12 @@ def _concept(cfg: ShowcaseConfig, run: Run, model: PreTrainedModel, site: str, g
     tok = model.tokenizer
     orig_ids = [list(tok(p)["input_ids"]) for p in prompts]
     cells: dict[str, dict[float, list[dict]]] = {}
-    for m in methods:
+    raw, prompting = methods[0], [m for m in methods if m.kind == "prompt"]
+    order = [raw] + [m for m in methods if m is not raw]
+    passed = False
+    for m in order:
+        if m is not raw and m.kind != "prompt" and not (passed or cfg.keep_failing):
+            continue  # raw steering does not move this concept: it is dropped from the method comparison
         cells[m.name] = {}
         for r in ([None] if m.kind == "prompt" else cfg.strengths):
             key = _cell_key(cfg, m, concept, r, sv.vector, norm, glp_ids)
@@ -339,7 +351,10 @@ def _concept(cfg: ShowcaseConfig, run: Run, model: PreTrainedModel, site: str, g
                 recs = score(model, ev, recs, orig_ids, cfg.generation.batch_size)
                 run.write_json(name, {"key": key, "records": recs}, indent=None)
             cells[m.name][r] = recs
-    return analyse_concept(cfg, ev, sv.meta, cells, methods, idx, len(overlap))
+        if m is raw:
+            passed = analyse_concept(cfg, ev, sv.meta, cells, [raw], idx, len(overlap))["raw_test"]["passes"]
+    used = methods if passed or cfg.keep_failing else [raw, *prompting]
+    return analyse_concept(cfg, ev, sv.meta, cells, used, idx, len(overlap))
 
 
 def _generate(cfg: ShowcaseConfig, model: PreTrainedModel, site: str, glps: list[GLP], vector: torch.Tensor, norm: float,
@@ -478,7 +493,7 @@ def raw_moves(arr: dict[str, np.ndarray], b: dict[str, np.ndarray], strengths: l
 
 def summarise_showcase(results: dict, cfg: ShowcaseConfig, methods: list[Method]) -> dict:
     """Across kept concepts: mean NLL difference to raw at each level, the best method per level, GLP-seed spread."""
-    kept = [c for c, r in results["concepts"].items() if r["raw_test"]["passes"]]
+    kept = [c for c, r in results["concepts"].items() if r["raw_test"]["passes"] and len(r["curves"]) > 1]
     dropped = {c: r["raw_test"] for c, r in results["concepts"].items() if c not in kept}
     names = [m.name for m in methods if m.kind not in ("prompt",)]
     per_level: dict = {}
