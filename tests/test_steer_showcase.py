@@ -92,6 +92,8 @@ def test_showcase_end_to_end_tiny(env):
     assert np.isfinite(k)
     assert set(res["projection"][0]["delta_lm"]) >= {"lm_loss_clean", "exact:0.3", "grid:0.5"}
     assert (out / "pareto.png").stat().st_size > 5000
+    md = (out / "summary.md").read_text()
+    assert "Does raw steering move each concept?" in md and "| sea |" in md and "survives projection" in md
     rec = json.loads((out / "run.json").read_text())
     assert rec["kind"] == "steer-showcase" and rec["status"] == "complete"
     # rerun: complete, nothing regenerated

@@ -48,7 +48,7 @@ from innards.glp.model import GLP
 from innards.errors import InnardsError
 from innards.glp.projection import ProjectionConfig
 from innards.hub import is_hub_id
-from innards.io import read_json
+from innards.io import atomic_write_bytes, read_json
 from innards.models.config import MODEL_ALIASES, ModelConfig
 from innards.models.load import load_model
 from innards.models.sites import resolve_site
@@ -312,10 +312,11 @@ def _showcase(cfg: ShowcaseConfig, run: Run) -> dict:
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     run.write_json("results.json", results)
     run.save_png("pareto.png", showcase_figure(results))
+    atomic_write_bytes(run.root / "summary.md", showcase_markdown(results).encode())
     s = results["summary"]
     run.complete(headline={"concepts_kept": len(s["kept"]), "concepts_dropped": len(s["dropped"]),
                            **{f"{k}_mean_dnll_vs_raw": v for k, v in s["best_at_equal_concept"].items()}},
-                 outputs=["results.json", "pareto.png"])
+                 outputs=["results.json", "pareto.png", "summary.md"])
     print(format_showcase(results))
     return results
 
@@ -624,3 +625,86 @@ def format_showcase(results: dict) -> str:
             lines.append(f"concept {lv}: best {best} (NLL {b['mean_nll_minus_raw']:+.3f} vs raw, better in "
                          f"{b['concepts_better_ci']}/{b['concepts_compared']} concepts with CI)")
     return "\n".join(lines)
+
+
+def _f(x: float | None, spec: str = ".3f") -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def _ci_s(ci: list[float], spec: str = ".3f") -> str:
+    return f"[{_f(ci[0], spec)}, {_f(ci[1], spec)}]"
+
+
+def showcase_markdown(results: dict) -> str:
+    """The showcase's tables as Markdown: raw test, equal-concept comparison, prompting, seeds, projection costs."""
+    L = [f"# Steering showcase: {results['model']} at {results['site']}", "",
+         f"{results['n_prompts']} prompts, strengths r = {', '.join(f'{r:g}' for r in results['strengths'])} "
+         f"(alpha = r x ||a|| = r x {results['norm']:.3f}), positions {results['positions']}, "
+         f"{results['generation']['max_new_tokens']} new tokens, temperature {results['generation']['temperature']:g}. "
+         f"GLP val loss: {', '.join(_f(v) for v in results['glp_val_loss'])}.", "",
+         "## 1. Does raw steering move each concept?", "",
+         "| concept | evaluator acc. (held out) | first r with rise CI > 0 | rise there [95% CI] | collapse at r | kept |",
+         "|---|---:|---:|---|---:|---|"]
+    for c, r in results["concepts"].items():
+        t = r["raw_test"]
+        fs = t["first_significant_strength"]
+        row = next((x for x in t["by_strength"] if x["strength"] == fs), None)
+        best = max(t["by_strength"], key=lambda x: x["concept_rise"])
+        rise = (f"{row['concept_rise']:+.3f} {_ci_s(row['concept_rise_ci'])}" if row else
+                f"best {best['concept_rise']:+.3f} {_ci_s(best['concept_rise_ci'])} at r={best['strength']:g}")
+        L.append(f"| {c} | {r['evaluator']['accuracy']:.3f} (n={r['evaluator']['n_test']}) | {_f(fs, 'g')} | {rise} | "
+                 f"{_f(t['collapse_strength'], 'g')} | {'yes' if c in results['summary']['kept'] else 'DROPPED'} |")
+    L += ["", "## 2. Fluency at equal concept (NLL under the unsteered LM, nats/token; lower is better)", "",
+          "Each method's curve over r is read at the concept level (first crossing, linear interpolation); "
+          "CIs are 95% paired bootstrap over prompts; 'reached' is the fraction of resamples in which the curve gets there.", ""]
+    for c in results["summary"]["kept"]:
+        eq = results["concepts"][c]["equal_concept"]
+        L += [f"### {c}", "", "| method | level | reached | NLL [95% CI] | NLL - raw [95% CI] | distinct-2 | distinct-2 - raw |",
+              "|---|---:|---:|---|---|---:|---:|"]
+        for name, rows in eq.items():
+            for x in rows:
+                L.append(f"| {name} | {x['level']:g} | {x['reached']:.2f} | {_f(x['nll'])} {_ci_s(x['nll_ci'])} | "
+                         f"{_f(x['nll_minus_raw'], '+.3f')} {_ci_s(x['nll_minus_raw_ci'], '+.3f')} | {_f(x['distinct2'])} | "
+                         f"{_f(x['distinct2_minus_raw'], '+.3f')} |")
+        L.append("")
+    L += ["## 3. Summary over kept concepts", "", "| level | method | mean NLL - raw | concepts better (CI) | worse (CI) | compared |",
+          "|---:|---|---:|---:|---:|---:|"]
+    for lv, pl in results["summary"]["per_level"].items():
+        for name, m in pl["methods"].items():
+            if name == "raw" or "@" in name:
+                continue
+            star = " **best**" if name == pl["best"] else ""
+            L.append(f"| {lv} | {name}{star} | {_f(m['mean_nll_minus_raw'], '+.3f')} | {m['concepts_better_ci']} | "
+                     f"{m['concepts_worse_ci']} | {m['concepts_compared']} |")
+    L += ["", "## 4. Prompting baseline (the concept stated before the prompt)", "",
+          "| concept | prompt | concept score [95% CI] | NLL [95% CI] | raw NLL at that concept - prompting [95% CI] |",
+          "|---|---|---|---|---|"]
+    for c, r in results["concepts"].items():
+        for name, p in r["prompting"].items():
+            rawp = p.get("methods_at_this_concept", {}).get("raw", {})
+            L.append(f"| {c} | {name} | {p['concept']:.3f} {_ci_s(p['concept_ci'])} | {p['nll']:.3f} {_ci_s(p['nll_ci'])} | "
+                     f"{_f(rawp.get('nll_minus_prompting'), '+.3f')} {_ci_s(rawp.get('nll_minus_prompting_ci', [math.nan] * 2), '+.3f')} |")
+    if len(results["glps"]) > 1:
+        L += ["", "## 5. Spread over GLP training seeds (mean NLL - raw over kept concepts, per level)", "",
+              "| method | " + " | ".join(f"level {lv}" for lv in results["summary"]["per_level"]) + " |",
+              "|---|" + "---|" * len(results["summary"]["per_level"])]
+        for b, per in results["summary"]["glp_seed_spread"].items():
+            if per and next(iter(per.values()))["n"] > 1:
+                L.append(f"| {b} | " + " | ".join(f"{_f(v['mean'], '+.3f')} ± {_f(v['std'], '.3f')} (n={v['n']})"
+                                                   for v in per.values()) + " |")
+    L += ["", "## 6. What survives projection, and what projecting costs", ""]
+    for gi, pr in enumerate(results["projection"]):
+        surv = pr["random_direction_survival"]
+        keys = list(surv)
+        rs = list(next(iter(surv.values())))
+        L += [f"GLP {gi}: fraction of a steering offset (random unit direction, r x ||a||) left after SDEdit; "
+              f"delta LM loss of projecting clean activations ({pr['delta_lm']['docs']} held-out documents, "
+              f"{pr['delta_lm']['tokens']} tokens, clean loss {pr['delta_lm']['lm_loss_clean']:.3f}).", "",
+              "| schedule:t_start | " + " | ".join(f"kept at {r}" for r in rs) + " | delta LM [± se] |",
+              "|---|" + "---:|" * (len(rs) + 1)]
+        for k in keys:
+            dl = pr["delta_lm"].get(k, {})
+            L.append(f"| {k} | " + " | ".join(f"{surv[k][r]['kept_fraction']:.3f}" for r in rs) +
+                     f" | {_f(dl.get('delta'), '+.4f')} ± {_f(dl.get('se'), '.4f')} |")
+        L.append("")
+    return "\n".join(L) + "\n"

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -17,7 +20,7 @@ class Batch:
     text_mask: torch.Tensor
 
 
-def pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """A usable pad id: the tokenizer's, else EOS, else 0."""
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if tid is not None:
@@ -25,7 +28,7 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def encode(tokenizer: Any, texts: list[str], side: str = "right", max_length: int | None = None) -> Batch:
+def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], side: str = "right", max_length: int | None = None) -> Batch:
     """Tokenise with the model's own template (BOS etc.), padded on ``side``, truncated on the left."""
     old_pad, old_trunc = tokenizer.padding_side, tokenizer.truncation_side
     had_pad = tokenizer.pad_token is not None
@@ -42,7 +45,3 @@ def encode(tokenizer: Any, texts: list[str], side: str = "right", max_length: in
     text = mask.bool() & ~enc["special_tokens_mask"].bool()
     return Batch(enc["input_ids"], mask, text)
 
-
-def prompt_ids(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of one prompt exactly as generation sees it (special tokens of the template included)."""
-    return list(tokenizer(text)["input_ids"])
