@@ -100,3 +100,8 @@ def test_showcase_end_to_end_tiny(env):
     cells = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.json")}
     assert cli(args) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.json")} == cells
+    # other levels: the finished showcase is reopened and re-analysed from its cells, nothing regenerated
+    i = args.index("--levels")
+    assert cli(args[:i + 1] + ["0.25,0.5"] + args[i + 2:]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.json")} == cells
+    assert json.loads((out / "results.json").read_text())["levels"] == [0.25, 0.5]

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from innards.config import at_least, positive, require, within
+from innards.config import at_least, load_yaml, positive, require, save_config, to_dict, within
 from innards.errors import InnardsError
 from innards.glp.model import GLP
 from innards.glp.projection import ProjectionConfig
 from innards.hub import is_hub_id
 from innards.models.config import MODEL_ALIASES, ModelConfig
+from innards.run import CONFIG_FILE, Run
 from innards.steer.texts import prompts_path
 
 POSITIONS = ("generated", "prompt", "all", "last")
@@ -83,6 +84,16 @@ class GLPSource:
             return None
         return GLP.from_pretrained(self.path, revision=self.revision, checkpoint=self.checkpoint,
                                    restats=self.restats)
+
+
+def reopen_if_extended(run: Run, cfg: object) -> bool:
+    """True when a complete run differs only in settings that add or select cached work (the ``free`` keys
+    it was opened with): its config is updated and it is reopened to compute what is new."""
+    if run.state != "complete" or load_yaml(run.root / CONFIG_FILE) == to_dict(cfg):
+        return False
+    save_config(cfg, run.root)
+    run.state = "resume"
+    return True
 
 
 def glp_provenance(glp: GLP, spec: str) -> str | dict[str, str]:

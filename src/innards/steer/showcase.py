@@ -53,7 +53,8 @@ from innards.models.config import MODEL_ALIASES, ModelConfig
 from innards.models.load import load_model
 from innards.models.sites import resolve_site
 from innards.run import Run
-from innards.steer.config import GENERATION_ALIASES, GenerationConfig, Positions, PriorConfig, glp_provenance
+from innards.steer.config import (GENERATION_ALIASES, GenerationConfig, Positions, PriorConfig, glp_provenance,
+                                  reopen_if_extended)
 from innards.steer.evaluator import ConceptEvaluator, train_evaluator
 from innards.steer.fluency import continuation_nll, distinct_n
 from innards.steer.generate import Steering, generate_steered, resolve_norm
@@ -78,6 +79,9 @@ STATEMENTS = {
 }
 N_OTHER = 5  # sentences of each other topic among a topic evaluator's negatives
 N_NEUTRAL = 40
+# settings that only add or select cells (cached by content): a finished showcase is extended, not refused
+INCREMENTAL = ("glp", "concepts", "strengths", "projections", "prior_weights", "seed_projections", "seed_prior_weights",
+               "levels", "n_boot", "keep_failing", "survival_strengths", "survival_t", "survival_rows", "delta_lm_docs")
 
 
 @dataclass
@@ -273,8 +277,8 @@ def run_showcase(cfg: ShowcaseConfig) -> dict:
     cfg.check_inputs()
     out = Path(cfg.out)
     with Run.open(out, "steer-showcase", cfg, inputs={"acts": cfg.acts, **{f"glp{i}": g for i, g in enumerate(cfg.glp)}},
-                  always_resume=True, overwrite=cfg.overwrite) as run:
-        if run.state == "complete":
+                  always_resume=True, overwrite=cfg.overwrite, free=INCREMENTAL) as run:
+        if run.state == "complete" and not reopen_if_extended(run, cfg):
             run.say_complete()
             return read_json(out / "results.json", "showcase results")
         return _showcase(cfg, run)

@@ -22,13 +22,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from innards.bootstrap import bootstrap_ci
-from innards.config import at_least, load_yaml, require, save_config, to_dict
+from innards.config import at_least, require, to_dict
 from innards.errors import InnardsError
 from innards.glp.model import file_sha256
 from innards.io import read_json, sha256_file
 from innards.models.load import load_model
-from innards.run import CONFIG_FILE, Run
-from innards.steer.config import STEER_ALIASES, PriorConfig, SteerInputs, glp_provenance
+from innards.run import Run
+from innards.steer.config import STEER_ALIASES, PriorConfig, SteerInputs, glp_provenance, reopen_if_extended
 from innards.steer.evaluator import ConceptEvaluator, concept_files, load_or_train_evaluator
 from innards.steer.fluency import continuation_nll, distinct_n
 from innards.steer.generate import Steering, check_can_generate, generate_steered, setup_steering
@@ -123,18 +123,6 @@ def _cell_name(method: str, r: float) -> str:
     return f"{method}_r{r:+.4f}.json"
 
 
-def open_incremental(run: Run, cfg: SweepConfig) -> bool:
-    """True when a complete run differs only in INCREMENTAL settings: it is reopened to add what is new."""
-    if run.state != "complete":
-        return False
-    saved = load_yaml(run.root / CONFIG_FILE)
-    if saved == to_dict(cfg):
-        return False
-    save_config(cfg, run.root)
-    run.state = "resume"
-    return True
-
-
 def run_sweep(cfg: SweepConfig) -> dict:
     """Generate, score and summarise every (method, strength) cell; writes results.json, pareto.png, generations.jsonl."""
     cfg.check_inputs()
@@ -144,7 +132,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     with Run.open(out, "sweep", cfg, inputs={"vector": cfg.vector.partition("#")[0], "prompts": str(ppath),
                                              "glp": cfg.glp.path, "acts": cfg.acts, "restats": cfg.glp.restats},
                   always_resume=True, overwrite=cfg.overwrite, free=INCREMENTAL) as run:
-        if run.state == "complete" and not open_incremental(run, cfg):
+        if run.state == "complete" and not reopen_if_extended(run, cfg):
             run.say_complete()
             return read_json(out / "results.json", "sweep results")
         return _sweep(cfg, run, prompts, ppath)
