@@ -125,6 +125,19 @@ def test_sae_decoder_row(tiny, tmp_path):
         load_vector(f"sae:{tmp_path / 'sae'}:5", model=model, site="blocks.0.resid_post")
     with pytest.raises(InnardsError, match="sae:SAE:LATENT"):
         load_vector(f"sae:{tmp_path / 'sae'}")
+    # steer vector --from-sae writes the row as a vector file, checked against --site
+    from innards.cli import main as cli
+
+    out = tmp_path / "latent5.safetensors"
+    mdir = tiny[0]
+    assert cli(["steer", "vector", "--model", str(mdir), "--from-sae", f"{tmp_path / 'sae'}:5", "--site", SITE,
+                "--out", str(out)]) == 0
+    got = load_vector(out, model=model, site=SITE)
+    assert torch.allclose(got.vector, w / w.norm(), atol=1e-6) and got.meta["method"] == "sae_decoder"
+    assert got.meta["source"] == f"sae:{(tmp_path / 'sae').resolve()}:5"
+    assert cli(["steer", "vector", "--model", str(mdir), "--from-sae", f"{tmp_path / 'sae'}:5", "--site", "blocks.0.resid_post",
+                "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert cli(["steer", "vector", "--from-sae", "nolatent", "--out", str(tmp_path / "y.safetensors")]) == 2
 
 
 def test_incompatible_vectors_refused(tiny, tmp_path):

@@ -289,11 +289,13 @@ class VectorConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """the language model (a plain string is taken as its name)"""
     site: str = ""
-    """activation site, e.g. blocks.3.resid_post (required)"""
+    """activation site, e.g. blocks.3.resid_post (required for a difference of means; with --from-sae the SAE is checked against --model's site)"""
     pos: str = ""
-    """file of sentences showing the concept, one per line (required)"""
+    """file of sentences showing the concept, one per line (required unless --from-sae)"""
     neg: str = ""
-    """file of sentences not showing it, at most 10x more or fewer than --pos (required)"""
+    """file of sentences not showing it, at most 10x more or fewer than --pos (required unless --from-sae)"""
+    from_sae: str | None = None
+    """SAE:LATENT: save this SAE latent's decoder direction instead (SAE = a folder, hub id or SAELens release/sae_id)"""
     token: Literal["last", "mean"] = "last"
     """last: the last non-special token; mean: mean over non-special tokens"""
     out: str = "vector.safetensors"
@@ -313,17 +315,24 @@ class VectorConfig:
 
     def check_inputs(self) -> None:
         """Required flags and readable, balanced sentence files (before any model loads)."""
-        require(bool(self.site), "--site is required")
-        require(bool(self.pos) and bool(self.neg), "--pos and --neg sentence files are required")
         require(Path(self.out).suffix == ".safetensors", f"--out must end in .safetensors: {self.out}")
+        if self.from_sae is not None:
+            sae, _, idx = self.from_sae.rpartition(":")
+            require(bool(sae) and idx.lstrip("-").isdigit(), f"--from-sae is SAE:LATENT, got '{self.from_sae}'")
+            require(not self.pos and not self.neg, "--from-sae takes no --pos/--neg sentence files")
+            return
+        require(bool(self.site), "--site is required")
+        require(bool(self.pos) and bool(self.neg), "--pos and --neg sentence files are required (or --from-sae SAE:LATENT)")
 
 
 VECTOR_ALIASES = {**MODEL_ALIASES, "--dtype": "--model.dtype", "--max-length": "--context"}
 
 
 def build_vector(cfg: VectorConfig) -> Path:
-    """Compute, check and save a difference-of-means vector (file run kind "vector", record beside it)."""
+    """Compute, check and save a difference-of-means vector, or an SAE latent's decoder row (file run kind "vector")."""
     cfg.check_inputs()
+    if cfg.from_sae is not None:
+        return _vector_from_sae(cfg)
     pos, neg = read_labelled(cfg.pos, cfg.neg)
     out = Path(cfg.out)
     with Run.open(out, "vector", cfg, inputs={"pos": cfg.pos, "neg": cfg.neg}, overwrite=cfg.overwrite, file=True) as run:
@@ -340,4 +349,24 @@ def build_vector(cfg: VectorConfig) -> Path:
                                "token": cfg.token}, outputs=[out.name])
     print(f"wrote {out} (site {sv.meta['site']}, width {sv.width}, {sv.meta['n_pos']} pos / {sv.meta['n_neg']} neg, "
           f"raw norm {sv.meta['raw_norm']:.4g})")
+    return out
+
+
+def _vector_from_sae(cfg: VectorConfig) -> Path:
+    out = Path(cfg.out)
+    sae_spec = cfg.from_sae.rpartition(":")[0]
+    with Run.open(out, "vector", cfg, inputs={"sae": sae_spec}, overwrite=cfg.overwrite, file=True) as run:
+        if run.state == "complete":
+            run.say_complete()
+            return out
+        model = None
+        if cfg.site:  # checked against the model's site (TransformerLens and HF spellings of a site compare equal)
+            model = load_model(cfg.model.name, dtype=cfg.model.dtype, device="meta", revision=cfg.model.revision)
+        sv = load_vector(f"sae:{cfg.from_sae}", model=model, site=cfg.site or None,
+                         width=resolve_site(model, cfg.site).width if model is not None else None)
+        sv.meta |= {"method": "sae_decoder", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        save_vector(out, sv)
+        run.complete(headline={"site": str(sv.meta.get("site", "")), "width": sv.width, "source": sv.meta["source"],
+                               "raw_norm": round(float(sv.meta["raw_norm"]), 6)}, outputs=[out.name])
+    print(f"wrote {out} ({sv.meta['source']}, width {sv.width}, raw norm {sv.meta['raw_norm']:.4g})")
     return out
