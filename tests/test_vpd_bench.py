@@ -1,18 +1,54 @@
-"""innards bench vpd runs and reports steps per second (the timing itself is a command, not a test)."""
+"""innards bench vpd reports only what it measured in the same run (the timing itself is a command, not a test)."""
 
 from __future__ import annotations
 
 import json
+import os
+
+import pytest
 
 
-def test_bench_vpd_reports_json(tmp_path, capsys):
+def test_bench_vpd_innards_alone_reports_rates_and_phases(tmp_path, capsys):
     from innards.cli import main
 
     out = tmp_path / "bench.json"
-    assert main(["bench", "vpd", "--steps", "2", "--target-steps", "200", "--out", str(out)]) == 0
+    assert main(["bench", "vpd", "--steps", "3", "--chunk", "2", "--untimed", "1", "--cases", "tms-5-2-spd", "tms-5-2",
+                 "--target-steps", "200", "--reference", str(tmp_path / "no-such-checkout"), "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    for obj in ("spd", "vpd"):
-        assert res[obj]["steps"] == 2 and res[obj]["steps_per_s"] > 0 and res[obj]["batch_size"] == 4096
-        assert res[obj]["C"] == 20 and "mmcs" in res[obj]
-    assert res["reference_spd"]["steps_per_s"] == 22.6
-    assert '"steps_per_s"' in capsys.readouterr().out
+    assert res["reference"]["used"] is False and "not a goodfire-ai/spd checkout" in res["reference"]["skipped_because"]
+    for name, obj in (("tms-5-2-spd", "spd"), ("tms-5-2", "vpd")):
+        case = res["cases"][name]
+        assert case["objective"] == obj and case["timed_steps"] == 3 and case["batch_size"] == 4096 and case["C"] == 20
+        inn = case["innards"]
+        assert inn["steps_per_s"] > 0 and inn["cpu_steps_per_s"] > 0
+        assert {"target", "ci", "minimality", "stochastic", "backward", "optimizer"} <= set(inn["phases"])
+        assert all(p["wall_ms"] >= 0 and p["cpu_ms"] >= 0 for p in inn["phases"].values())
+        assert "mmcs" in inn["recovery"]
+        # nothing is divided by a number this run did not measure
+        assert "speedup" not in case and "reference" not in case
+    assert "adversary" in res["cases"]["tms-5-2"]["innards"]["phases"]
+    assert "layerwise" in res["cases"]["tms-5-2-spd"]["innards"]["phases"]
+    assert '"cases"' in capsys.readouterr().out
+
+
+def test_bench_vpd_with_the_reference_when_it_imports_here(tmp_path):
+    from innards.bench.vpd import BenchVPDConfig, bench_vpd, reference_available
+
+    path = os.environ.get("INNARDS_SPD_REFERENCE", "/work/ref/spd")
+    why = reference_available(path)
+    if why is not None:
+        pytest.skip(why)
+    res = bench_vpd(BenchVPDConfig(steps=2, chunk=1, untimed=1, cases=["tms-5-2-spd"], target_steps=200, reference=path))
+    case = res["cases"]["tms-5-2-spd"]
+    assert case["speedup"] == pytest.approx(case["reference"]["seconds"] / case["innards"]["seconds"], rel=1e-2)
+    assert {"ci", "backward", "optimizer"} <= set(case["reference"]["phases"])
+
+
+def test_peak_rss_of_directly_launched_ranks(tmp_path):
+    from innards.bench.vpd import _run_ranks
+
+    args = ["vpd", "train", "--config", "tms-5-2-spd", "--out", str(tmp_path / "r"), "--no-progress", "target.steps=100",
+            "target.retries=0", "steps=2", "warmup_steps=1", "batch_size=64", "eval_batches=1", "eval_batch_size=64",
+            "adversary.eval_steps=1"]
+    peaks = _run_ranks(1, args, dict(os.environ))
+    assert len(peaks) == 1 and peaks[0] > 50

@@ -190,6 +190,8 @@ class VPDConfig:
     """main AdamW weight decay"""
     clip_uv: float = 0.0
     """global-norm clip on U, V gradients (0 = off); CI parameters are never clipped"""
+    skip_inert_rows: bool = True
+    """toys: leave rows whose decomposed matrices all see a zero input out of the masked forwards (exact: their output cannot depend on the masks; their CI is computed once)"""
     autocast_bf16: bool = False
     """forwards and losses under torch.autocast(bfloat16), fp32 masters (the reference's default numeric mode)"""
     fsdp: bool = False

@@ -27,17 +27,23 @@ def p_at(step: int, total: int, p_start: float, p_end: float, end_frac: float = 
 
 
 def minimality(g_upper: dict[str, torch.Tensor], p: float, eps: float = 1e-12,
-               world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+               world: int = 1, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(importance, frequency) minimality, grouped per matrix.
 
     s_{l,c} = Σ_{b,t} |g + ε|^p over the local batch; importance = Σ_{l,c} s/N; frequency =
     Σ_{l,c} (s/N)·log2(1 + s·world), the local sum scaled by the world size to estimate the global one.
+    ``weights`` (one per row of a 2-D g): how many batch rows each row stands for.
     """
     imp = torch.zeros((), device=next(iter(g_upper.values())).device)
     freq = torch.zeros_like(imp)
     for g in g_upper.values():
-        n = g[..., 0].numel()
-        s = (g.float() + eps).pow(p).reshape(-1, g.shape[-1]).sum(0)
+        e = (g.float() + eps).pow(p).reshape(-1, g.shape[-1])
+        if weights is None:
+            n = g[..., 0].numel()
+            s = e.sum(0)
+        else:
+            n = float(weights.sum())
+            s = weights @ e
         imp = imp + s.sum() / n
         freq = freq + (s / n * torch.log2(1 + s * world)).sum()
     return imp, freq

@@ -140,8 +140,10 @@ def load_shards(tr: Trainer, d: Path, meta: dict[str, Any]) -> None:
             for k, v in tensors.items():
                 if k.startswith(f"opt.{i}."):
                     name = k.split(".", 2)[2]
-                    st[name] = DTensor.from_local(v, p.device_mesh, p.placements) if isinstance(p, DTensor) and \
-                        v.shape == _local(p).shape else v
+                    if isinstance(p, DTensor) and v.shape == _local(p).shape:
+                        # uneven shards: the global shape cannot be inferred from the local one
+                        v = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                    st[name] = v
             if st:
                 state["state"][i] = st
         idx = 0

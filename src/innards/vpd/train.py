@@ -179,6 +179,21 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=torch.device(self.cfg.device).type, dtype=torch.bfloat16)
 
+    def _active_rows(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Toys: indices of the rows where some decomposed matrix sees a non-zero input (None: use all rows).
+
+        On the other rows every decomposed matrix gets x = 0, so the masked model gives the frozen output
+        whatever the masks ((0·V ⊙ m) U + m_Δ·0·Δᵀ + b = b), and the per-row CI is that of a zero input: the
+        reconstruction losses and their gradients are the same without those rows.
+        """
+        if not self.cfg.skip_inert_rows or self.cfg.target.kind == "lm" or self.global_draws:
+            return None
+        active = torch.stack([v.reshape(v.shape[0], -1).ne(0).any(-1) for v in inputs.values()]).any(0)
+        n = int(active.sum())
+        if n == 0 or n == active.numel():
+            return None
+        return active.nonzero().squeeze(1)
+
     def _reused(self, inputs: dict[str, torch.Tensor]) -> list[str]:
         """Matrices whose x V is computed once per step and reused by every forward reaching them unmasked.
 
@@ -205,10 +220,24 @@ class Trainer:
         with self._autocast():
             with T("target"):
                 clean, inputs = b.decomp.clean(x)
+                rows = self._active_rows(inputs)
+                n_all = x.shape[0]
+                if rows is not None:
+                    x, clean, inputs = x[rows], clean[rows], {n: v[rows] for n, v in inputs.items()}
+            # a reconstruction loss over the active rows, as a mean over the whole batch (inert rows add 0)
+            scale = x.shape[0] / n_all
             with T("ci"):
                 reuse = self._reused(inputs)
                 h = b.decomp.inner({n: inputs[n] for n in reuse})
                 g, gu = ci_values(b, inputs, h if cfg.ci.kind == "mlp" else None)
+                weights = None
+                if rows is not None:
+                    # every inert row has the same CI: that of a zero input, computed once and counted n_inert times
+                    zero = {n: v[:1] * 0 for n, v in inputs.items()}
+                    g0, gu0 = ci_values(b, zero, b.decomp.inner({n: zero[n] for n in reuse}) if cfg.ci.kind == "mlp" else None)
+                    gu = {n: torch.cat([gu[n], gu0[n]]) for n in gu}
+                    weights = torch.ones(x.shape[0] + 1, device=x.device)
+                    weights[-1] = n_all - x.shape[0]
             h_d = {n: v.detach() for n, v in h.items()}
 
             adv_lr = 0.0
@@ -225,7 +254,9 @@ class Trainer:
                     gd = {n: v.detach() for n, v in g.items()}
                     for _ in range(max(cfg.adversary.n_steps - 1, 0)):
                         leaves = self.adv.leaves()
-                        la = adv_loss(b.decomp, x, clean, gd, leaves, kind, use_delta, adv_route, pre=h_d)
+                        # inert rows' sources get a zero gradient and still move by Adam's momentum, as in a full pass
+                        src = leaves if rows is None else {n: t[rows] for n, t in leaves.items()}
+                        la = adv_loss(b.decomp, x, clean, gd, src, kind, use_delta, adv_route, pre=h_d) * scale
                         grads = torch.autograd.grad(la, list(leaves.values()))
                         self.adv.ascend(dict(zip(leaves, grads)), adv_lr)
 
@@ -238,7 +269,7 @@ class Trainer:
                     with torch.no_grad():
                         dl2 = b.decomp.delta_l2(self.probe)
             with T("minimality"):
-                imp, freq = minimality(gu, p, cfg.eps, world)
+                imp, freq = minimality(gu, p, cfg.eps, world, weights)
                 total = total + cfg.imp_coeff * imp
                 if vpd and cfg.freq_coeff:
                     total = total + cfg.freq_coeff * freq
@@ -247,7 +278,7 @@ class Trainer:
             with T("stochastic"):
                 routing = cfg.routing if vpd else cfg.spd_routing
                 out = b.decomp.masked(x, stochastic_masks(g, draws, use_delta, routing), pre=h)
-                ls = divergence(clean, out, kind)
+                ls = divergence(clean, out, kind) * scale
                 total = total + cfg.stoch_coeff * ls
                 logs["stochastic"] = ls.detach()
             if not vpd and cfg.layerwise_coeff:
@@ -255,21 +286,27 @@ class Trainer:
                     # one draw for all matrices, each masked alone in its own forward (as the reference)
                     ms = stochastic_masks(g, draws, use_delta, "all")
                     lw = sum(divergence(clean, b.decomp.masked(x, {n: ms[n]}, pre=h), kind) for n in b.decomp.names)
-                    lw = lw / len(b.decomp.names)
+                    lw = lw / len(b.decomp.names) * scale
                     total = total + cfg.layerwise_coeff * lw
                     logs["layerwise"] = lw.detach()
             if not vpd and cfg.train_pgd.coeff:
                 with T("pgd"):
-                    lp = fresh_pgd_term(b.decomp, x, clean, g, kind, cfg.train_pgd, use_delta, draws, world, pre=h)
+                    lp = fresh_pgd_term(b.decomp, x, clean, g, kind, cfg.train_pgd, use_delta, draws, world, pre=h) * scale
                     total = total + cfg.train_pgd.coeff * lp
                     logs["pgd"] = lp.detach()
             leaves = None
             if adv_on:
                 with T("adversarial"):
                     leaves = self.adv.leaves()
-                    la = adv_loss(b.decomp, x, clean, g, leaves, kind, use_delta, adv_route, pre=h)
+                    src = leaves if rows is None else {n: t[rows] for n, t in leaves.items()}
+                    la = adv_loss(b.decomp, x, clean, g, src, kind, use_delta, adv_route, pre=h) * scale
                     total = total + cfg.adv_coeff * la
                     logs["adversarial"] = la.detach()
+            for n, gn in g.items():
+                fires = (gn.detach() > cfg.ci_threshold).float().sum(-1)
+                if rows is not None:
+                    fires = torch.cat([fires, (g0[n].detach() > cfg.ci_threshold).float().sum(-1).expand(n_all - x.shape[0])])
+                logs[f"l0/{n}"] = fires.mean()
 
         with T("backward"):
             self.opt.zero_grad(set_to_none=True)
@@ -285,8 +322,6 @@ class Trainer:
                 # third ascent: the source gradient of the main graph, without the loss coefficient
                 self.adv.ascend({n: t.grad / cfg.adv_coeff for n, t in leaves.items()}, adv_lr)
         logs.update(total=total.detach(), lr=torch.tensor(lr), p=torch.tensor(p))
-        for n, gn in g.items():
-            logs[f"l0/{n}"] = (gn.detach() > cfg.ci_threshold).float().sum(-1).mean()
         self.step += 1
         return logs
 
