@@ -12,8 +12,8 @@ from test_steer_helpers import NEG, POS, SITE, make_glp, write_lines
 from innards.cli import main as cli
 from innards.steer.config import PriorConfig
 from innards.steer.prior import prior_guided
-from innards.steer.showcase import CONCEPTS, STATEMENTS, at_level, concept_sentences
-from innards.steer.texts import read_prompts
+from innards.steer.showcase import STATEMENTS, at_level
+from innards.steer.texts import CONCEPTS, concept_sentences, read_prompts
 
 
 def test_packaged_concepts_keep_vector_and_evaluator_sentences_apart():
@@ -24,6 +24,23 @@ def test_packaged_concepts_keep_vector_and_evaluator_sentences_apart():
         assert not set(s["eval_pos"]) & set(s["eval_neg"])
         assert len(STATEMENTS[c]) == 2
     assert len(read_prompts("stories")) >= 50
+
+
+def test_packaged_concepts_in_vector_and_sweep(tiny_model_dir, tmp_path):
+    from innards.steer.evaluator import load_or_train_evaluator
+    from innards.steer.vectors import load_vector
+
+    d = tiny_model_dir("llama")
+    out = tmp_path / "night.safetensors"
+    assert cli(["steer", "vector", "--model", str(d), "--site", SITE, "--concept", "night", "--token", "mean",
+                "--out", str(out)]) == 0
+    sv = load_vector(out)
+    assert sv.meta["concept"] == "night" and sv.meta["n_pos"] == 30 and sv.meta["n_neg"] == 40
+    ev = load_or_train_evaluator("night", cache_dir=tmp_path / "ev")
+    assert ev.accuracy >= 0.85 and ev.provenance["pos"] == "packaged:night/eval_pos"
+    assert load_or_train_evaluator("night", cache_dir=tmp_path / "ev").to_dict() == ev.to_dict()  # cached
+    assert cli(["steer", "vector", "--model", str(d), "--site", SITE, "--concept", "dragons",
+                "--out", str(tmp_path / "x.safetensors")]) == 2
 
 
 def test_at_level_reads_the_first_crossing():

@@ -1,7 +1,8 @@
 """Offline concept evaluator: all-MiniLM-L6-v2 sentence embeddings + logistic regression.
 
 Any pair of labelled sentence files (positive = shows the concept, negative = does not) defines a
-concept; ``sentiment`` is built in (rt-polarity from the shared data folder). The trained head is
+concept; ``sentiment`` is built in (rt-polarity from the shared data folder), and the concepts packaged
+in ``steer/prompts`` (sea, royalty, food, night, winter, happy) bring their own evaluator sentences. The trained head is
 tiny (384 weights), so it is cached as JSON keyed by the data's checksums, never pickled.
 """
 
@@ -24,7 +25,7 @@ from innards.data.shared import DATA_ENV, shared_data_dir
 from innards.errors import InnardsError
 from innards.io import read_json, sha256_file, write_json
 from innards.models.load import load_model
-from innards.steer.texts import read_labelled
+from innards.steer.texts import CONCEPTS, concept_sentences, read_labelled
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -37,15 +38,17 @@ CACHE_VERSION = 2
 
 
 def concept_files(concept: str, pos: str | Path | None = None, neg: str | Path | None = None,
-                  data_dir: str | Path | None = None) -> tuple[Path, Path]:
-    """The labelled files that define ``concept`` (explicit files win over the built-in ones)."""
+                  data_dir: str | Path | None = None) -> tuple[Path, Path] | None:
+    """The labelled files that define ``concept`` (explicit files win); None for a concept packaged with innards."""
     if (pos is None) != (neg is None):
         raise InnardsError(f"concept '{concept}' needs both --concept-pos and --concept-neg files")
     if pos is not None and neg is not None:
         return Path(pos), Path(neg)
+    if concept in CONCEPTS:
+        return None
     if concept not in BUILTIN:
         raise InnardsError(f"concept '{concept}' has no evaluator data: give --concept-pos and --concept-neg "
-                           f"(built-in concepts: {', '.join(sorted(BUILTIN))})")
+                           f"(built-in concepts: {', '.join(sorted(BUILTIN))}; packaged: {', '.join(CONCEPTS)})")
     root = Path(data_dir) if data_dir else shared_data_dir()
     if root is None:
         raise InnardsError(f"concept '{concept}' needs the shared data folder: pass --data-dir or set ${DATA_ENV}")
@@ -157,10 +160,23 @@ def train_evaluator(concept: str, pos: list[str], neg: list[str], seed: int = 0,
 def load_or_train_evaluator(concept: str, pos: str | Path | None = None, neg: str | Path | None = None,
                             data_dir: str | Path | None = None, cache_dir: str | Path | None = None,
                             seed: int = 0, max_per_class: int | None = None) -> ConceptEvaluator:
-    """The evaluator for ``concept``, reusing ``cache_dir/{concept}-{key}.json`` when the data is unchanged."""
-    pfile, nfile = concept_files(concept, pos, neg, data_dir)
-    prov = {"pos": str(pfile), "neg": str(nfile), "pos_sha256": sha256_file(pfile), "neg_sha256": sha256_file(nfile),
-            "seed": seed, "max_per_class": max_per_class, "encoder": ENCODER, "encoder_package": ENCODER_PACKAGE}
+    """The evaluator for ``concept``, reusing ``cache_dir/{concept}-{key}.json`` when the data is unchanged.
+
+    A packaged concept (``innards.steer.texts.CONCEPTS``) trains on its evaluator sentences, which are not the
+    sentences its steering vector is built from.
+    """
+    files = concept_files(concept, pos, neg, data_dir)
+    if files is None:
+        sents = concept_sentences(concept)
+        p, n = sents["eval_pos"], sents["eval_neg"]
+        digest = lambda xs: hashlib.sha256("\n".join(xs).encode()).hexdigest()  # noqa: E731
+        prov = {"pos": f"packaged:{concept}/eval_pos", "neg": f"packaged:{concept}/eval_neg", "pos_sha256": digest(p),
+                "neg_sha256": digest(n)}
+    else:
+        pfile, nfile = files
+        p, n = read_labelled(pfile, nfile)
+        prov = {"pos": str(pfile), "neg": str(nfile), "pos_sha256": sha256_file(pfile), "neg_sha256": sha256_file(nfile)}
+    prov |= {"seed": seed, "max_per_class": max_per_class, "encoder": ENCODER, "encoder_package": ENCODER_PACKAGE}
     key = hashlib.sha256(json.dumps({k: prov[k] for k in prov if k not in ("pos", "neg")} | {"v": CACHE_VERSION},
                                     sort_keys=True).encode()).hexdigest()[:16]
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in concept)
@@ -170,7 +186,6 @@ def load_or_train_evaluator(concept: str, pos: str | Path | None = None, neg: st
             return ConceptEvaluator.from_dict(read_json(cache, "evaluator cache"))
         except (InnardsError, KeyError, ValueError):
             pass  # a damaged cache is rebuilt, not fatal
-    p, n = read_labelled(pfile, nfile)
     ev = train_evaluator(concept, p, n, seed=seed, max_per_class=max_per_class)
     ev.provenance = prov | {"n_pos": len(p), "n_neg": len(n), "key": key}
     if cache is not None:

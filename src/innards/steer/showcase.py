@@ -58,15 +58,12 @@ from innards.steer.config import (GENERATION_ALIASES, GenerationConfig, Position
 from innards.steer.evaluator import ConceptEvaluator, train_evaluator
 from innards.steer.fluency import continuation_nll, distinct_n
 from innards.steer.generate import Steering, generate_steered, resolve_norm
-from innards.steer.texts import read_lines, read_prompts
+from innards.steer.texts import CONCEPTS, concept_sentences, read_prompts
 from innards.steer.vectors import diff_means
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
-TOPICS = ("sea", "royalty", "food", "night", "winter")
-CONCEPTS = (*TOPICS, "happy")
 # the concept stated before the prompt (prompting baseline), a plain and an insistent version
 STATEMENTS = {
     "sea": ("This is a story about the sea.", "This is a story about the sea, the waves, the ships and the sailors."),
@@ -77,8 +74,6 @@ STATEMENTS = {
     "winter": ("This is a story about winter.", "This is a story about winter, with snow, ice and frost."),
     "happy": ("This is a happy story.", "This is a happy story, full of joy, laughter and smiles."),
 }
-N_OTHER = 5  # sentences of each other topic among a topic evaluator's negatives
-N_NEUTRAL = 40
 # settings that only add or select cells (cached by content): a finished showcase is extended, not refused
 INCREMENTAL = ("glp", "concepts", "strengths", "projections", "prior_weights", "seed_projections", "seed_prior_weights",
                "levels", "n_boot", "keep_failing", "survival_strengths", "survival_t", "survival_rows", "delta_lm_docs")
@@ -178,21 +173,6 @@ def parse_projection(spec: str, steps: int) -> ProjectionConfig:
         return ProjectionConfig(t_start=float(t), steps=steps, schedule=sched)
     except ValueError:
         raise InnardsError(f"--projections entries are schedule:t_start (e.g. exact:0.3), got '{spec}'") from None
-
-
-# ---------------------------------------------------------------- concepts
-def concept_sentences(concept: str) -> dict[str, list[str]]:
-    """The packaged sentence sets of a concept: vector_pos/vector_neg (the vector) and eval_pos/eval_neg (the evaluator)."""
-    p = PROMPTS_DIR
-    if concept == "happy":
-        return {"vector_pos": read_lines(p / "happy.txt"), "vector_neg": read_lines(p / "sad.txt"),
-                "eval_pos": read_lines(p / "happy.eval.txt"), "eval_neg": read_lines(p / "sad.eval.txt")}
-    neg = read_lines(p / "neutral.eval.txt")[:N_NEUTRAL]
-    for other in TOPICS:
-        if other != concept:
-            neg += read_lines(p / f"{other}.eval.txt")[:N_OTHER]
-    return {"vector_pos": read_lines(p / f"{concept}.vector.txt"), "vector_neg": read_lines(p / "neutral.vector.txt"),
-            "eval_pos": read_lines(p / f"{concept}.eval.txt"), "eval_neg": neg}
 
 
 # ---------------------------------------------------------------- methods
@@ -330,6 +310,7 @@ def _concept(cfg: ShowcaseConfig, run: Run, model: PreTrainedModel, site: str, g
     seed = cfg.generation.seed
     sents = concept_sentences(concept)
     ev = train_evaluator(concept, sents["eval_pos"], sents["eval_neg"], seed=seed)
+    ev_id = hashlib.sha256(ev.coef.tobytes() + str(ev.intercept).encode()).hexdigest()[:16]
     sv = diff_means(model, site, sents["vector_pos"], sents["vector_neg"], token="mean")
     overlap = set(sents["vector_pos"] + sents["vector_neg"]) & set(sents["eval_pos"] + sents["eval_neg"])
     tok = model.tokenizer
@@ -351,10 +332,14 @@ def _concept(cfg: ShowcaseConfig, run: Run, model: PreTrainedModel, site: str, g
                 saved = read_json(path, "showcase cell")
                 if saved.get("key") == key:
                     recs = saved["records"]
+                    if saved.get("evaluator") != ev_id:  # the generations stand; only the concept score is redone
+                        for x, c in zip(recs, ev.score([x["continuation"] for x in recs])):
+                            x["concept"] = float(c)
+                        run.write_json(name, {"key": key, "evaluator": ev_id, "records": recs}, indent=None)
             if recs is None:
                 recs = _generate(cfg, model, site, glps, sv.vector, norm, prompts, m, r, concept)
                 recs = score(model, ev, recs, orig_ids, cfg.generation.batch_size)
-                run.write_json(name, {"key": key, "records": recs}, indent=None)
+                run.write_json(name, {"key": key, "evaluator": ev_id, "records": recs}, indent=None)
             cells[m.name][r] = recs
         if m is raw:
             passed = analyse_concept(cfg, ev, sv.meta, cells, [raw], idx, len(overlap))["raw_test"]["passes"]

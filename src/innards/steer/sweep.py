@@ -54,7 +54,7 @@ class SweepConfig(SteerInputs):
     prior: PriorConfig = field(default_factory=PriorConfig)
     """prior-guided steering (method prior)"""
     concept: str = "sentiment"
-    """concept name: 'sentiment' is built in; others need --concept-pos/--concept-neg"""
+    """concept name: 'sentiment' (shared data) and the packaged sea, royalty, food, night, winter, happy are built in; others need --concept-pos/--concept-neg"""
     concept_pos: str | None = None
     """sentences showing the concept (defines a new concept)"""
     concept_neg: str | None = None
@@ -82,7 +82,7 @@ class SweepConfig(SteerInputs):
         super().check_inputs()
         needs = [m for m in self.methods if m in ("glp", "prior")]
         require(not needs or self.glp.path is not None, f"method {needs[0] if needs else ''} needs --glp DIR (or --methods raw)")
-        for f in concept_files(self.concept, self.concept_pos, self.concept_neg, self.data_dir):
+        for f in concept_files(self.concept, self.concept_pos, self.concept_neg, self.data_dir) or ():
             require(f.is_file(), f"concept '{self.concept}': sentence file not found: {f}")
         require(bool(self.out), "--out is required")
 

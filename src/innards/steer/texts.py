@@ -21,13 +21,20 @@ def read_lines(path: str | Path, what: str = "text file") -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 PACKAGED_PROMPTS = {"stories": "story_openings.txt", "story_openings": "story_openings.txt"}
+# concepts shipped with innards (topics and moods of children's books), each with two disjoint sentence
+# sets: one builds the steering vector, the other trains and tests the concept evaluator
+TOPICS = ("sea", "royalty", "food", "night", "winter")
+CONCEPTS = (*TOPICS, "happy")
+N_OTHER = 5  # sentences of each other topic among a topic evaluator's negatives
+N_NEUTRAL = 40
 
 
 def prompts_path(spec: str | Path) -> Path:
     """A prompts file path; the names in PACKAGED_PROMPTS ('stories') mean files shipped with innards."""
     name = PACKAGED_PROMPTS.get(str(spec))
-    return Path(__file__).resolve().parent / "prompts" / name if name else Path(spec)
+    return PROMPTS_DIR / name if name else Path(spec)
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -56,3 +63,23 @@ def read_labelled(pos: str | Path, neg: str | Path) -> tuple[list[str], list[str
     p, n = read_lines(pos, "positive label file"), read_lines(neg, "negative label file")
     check_balanced(len(p), len(n), str(pos), str(neg))
     return p, n
+
+
+def concept_sentences(concept: str) -> dict[str, list[str]]:
+    """A packaged concept's sentences: vector_pos/vector_neg (the vector) and eval_pos/eval_neg (the evaluator).
+
+    Topics contrast with neutral sentences (and, for the evaluator, a few sentences of every other topic, so it
+    detects this topic rather than any topic); happy contrasts with sad.
+    """
+    if concept not in CONCEPTS:
+        raise InnardsError(f"no packaged concept '{concept}' (packaged: {', '.join(CONCEPTS)})")
+    p = PROMPTS_DIR
+    if concept == "happy":
+        return {"vector_pos": read_lines(p / "happy.txt"), "vector_neg": read_lines(p / "sad.txt"),
+                "eval_pos": read_lines(p / "happy.eval.txt"), "eval_neg": read_lines(p / "sad.eval.txt")}
+    neg = read_lines(p / "neutral.eval.txt")[:N_NEUTRAL]
+    for other in TOPICS:
+        if other != concept:
+            neg += read_lines(p / f"{other}.eval.txt")[:N_OTHER]
+    return {"vector_pos": read_lines(p / f"{concept}.vector.txt"), "vector_neg": read_lines(p / "neutral.vector.txt"),
+            "eval_pos": read_lines(p / f"{concept}.eval.txt"), "eval_neg": neg}

@@ -31,7 +31,7 @@ from innards.models.sites import resolve_site, site_metadata
 from innards.run import Run
 from innards.sae.load import load_sae
 from innards.sae.model import SparseAutoencoder
-from innards.steer.texts import check_balanced, read_labelled
+from innards.steer.texts import CONCEPTS, check_balanced, concept_sentences, read_labelled
 from innards.steer.tokens import encode
 
 if TYPE_CHECKING:
@@ -294,6 +294,8 @@ class VectorConfig:
     """file of sentences showing the concept, one per line (required unless --from-sae)"""
     neg: str = ""
     """file of sentences not showing it, at most 10x more or fewer than --pos (required unless --from-sae)"""
+    concept: str | None = None
+    """packaged concept (sea, royalty, food, night, winter, happy) whose vector sentences replace --pos/--neg"""
     from_sae: str | None = None
     """SAE:LATENT: save this SAE latent's decoder direction instead (SAE = a folder, hub id or SAELens release/sae_id)"""
     token: Literal["last", "mean"] = "last"
@@ -322,7 +324,12 @@ class VectorConfig:
             require(not self.pos and not self.neg, "--from-sae takes no --pos/--neg sentence files")
             return
         require(bool(self.site), "--site is required")
-        require(bool(self.pos) and bool(self.neg), "--pos and --neg sentence files are required (or --from-sae SAE:LATENT)")
+        if self.concept is not None:
+            require(self.concept in CONCEPTS, f"--concept must be one of {', '.join(CONCEPTS)}, got '{self.concept}'")
+            require(not self.pos and not self.neg, "--concept takes no --pos/--neg sentence files")
+            return
+        require(bool(self.pos) and bool(self.neg),
+                "--pos and --neg sentence files are required (or --concept NAME, or --from-sae SAE:LATENT)")
 
 
 VECTOR_ALIASES = {**MODEL_ALIASES, "--dtype": "--model.dtype", "--max-length": "--context"}
@@ -333,7 +340,11 @@ def build_vector(cfg: VectorConfig) -> Path:
     cfg.check_inputs()
     if cfg.from_sae is not None:
         return _vector_from_sae(cfg)
-    pos, neg = read_labelled(cfg.pos, cfg.neg)
+    if cfg.concept is not None:
+        sents = concept_sentences(cfg.concept)
+        pos, neg = sents["vector_pos"], sents["vector_neg"]
+    else:
+        pos, neg = read_labelled(cfg.pos, cfg.neg)
     out = Path(cfg.out)
     with Run.open(out, "vector", cfg, inputs={"pos": cfg.pos, "neg": cfg.neg}, overwrite=cfg.overwrite, file=True) as run:
         if run.state == "complete":
@@ -341,8 +352,11 @@ def build_vector(cfg: VectorConfig) -> Path:
             return out
         model = load_model(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device, revision=cfg.model.revision)
         sv = diff_means(model, cfg.site, pos, neg, cfg.token, cfg.batch_size, cfg.context)
-        sv.meta |= {"pos_file": str(Path(cfg.pos).resolve()), "pos_sha256": sha256_file(cfg.pos),
-                    "neg_file": str(Path(cfg.neg).resolve()), "neg_sha256": sha256_file(cfg.neg)}
+        if cfg.concept is not None:
+            sv.meta |= {"concept": cfg.concept, "sentences": f"packaged:{cfg.concept}/vector_pos,vector_neg"}
+        else:
+            sv.meta |= {"pos_file": str(Path(cfg.pos).resolve()), "pos_sha256": sha256_file(cfg.pos),
+                        "neg_file": str(Path(cfg.neg).resolve()), "neg_sha256": sha256_file(cfg.neg)}
         save_vector(out, sv)
         run.complete(headline={"site": sv.meta["site"], "width": sv.width, "n_pos": sv.meta["n_pos"],
                                "n_neg": sv.meta["n_neg"], "raw_norm": round(float(sv.meta["raw_norm"]), 6),
