@@ -10,4 +10,6 @@ def main(argv: list[str] | None = None) -> int:
     from innards.steer.vectors import VECTOR_ALIASES, VectorConfig, build_vector
 
     return command(VectorConfig, build_vector, argv, prog="innards steer vector", aliases=VECTOR_ALIASES,
-                   description="Difference of means of two labelled sentence sets' activations, unit-normalised.")
+                   description="Difference of means of two labelled sentence sets' activations (--pos/--neg files or a "
+                               "packaged --concept), or an SAE latent's decoder row (--from-sae SAE:LATENT), "
+                               "unit-normalised, saved with its provenance.")
