@@ -90,7 +90,7 @@ def test_showcase_end_to_end_tiny(env):
     args = ["steer", "showcase", "--model", str(env["dir"]), "--site", SITE, "--glp", str(tmp / "glp"), str(tmp / "glp"),
             "--acts", str(tmp / "store"), "--concepts", "sea", "--prompts", str(tmp / "prompts.txt"),
             "--strengths", "0,1,4", "--projections", "exact:0.3", "--project-steps", "3", "--prior-weights", "0.5", "--seed-projections", "exact:0.3", "--seed-prior-weights", "0.5", "--keep-failing",
-            "--max-new-tokens", "4", "--levels", "0.3,0.6", "--n-boot", "200", "--survival-t", "0.3,0.5",
+            "--max-new-tokens", "4", "--levels", "0.5,1", "--n-boot", "200", "--survival-t", "0.3,0.5",
             "--survival-rows", "32", "--delta-lm-docs", "4", "--out", str(out)]
     assert cli(args) == 0
     res = json.loads((out / "results.json").read_text())
@@ -101,11 +101,17 @@ def test_showcase_end_to_end_tiny(env):
     assert {"passes", "first_significant_strength", "collapse_strength"} <= set(c["raw_test"])
     assert set(c["prompting"]) == {"prompt-1", "prompt-2"} and "methods_at_this_concept" in c["prompting"]["prompt-1"]
     row = c["equal_concept"]["sdedit-exact:0.3"][0]
-    assert {"level", "reached", "nll", "nll_ci", "nll_minus_raw", "nll_minus_raw_ci", "distinct2"} <= set(row)
+    assert {"fraction", "level", "reached", "nll", "nll_ci", "nll_minus_raw", "nll_minus_raw_ci", "distinct2"} <= set(row)
+    lv = c["levels"]
+    assert lv["fractions"] == [0.5, 1.0] and lv["concept"][1] == pytest.approx(lv["raw_cmax"])
+    assert lv["concept"][0] == pytest.approx(lv["raw_c0"] + 0.5 * (lv["raw_cmax"] - lv["raw_c0"]))
+    assert all(0 <= x["reached"] <= 1 for rows in c["equal_concept"].values() for x in rows)
+    assert "_boot_nll_minus_raw" not in c
+    assert set(res["summary"]["per_level"]) == {"0.5", "1"}
     # the same GLP twice: the seed spread of a method is zero wherever it is defined
-    surv = res["projection"][0]["random_direction_survival"]
-    assert set(surv) == {"exact:0.3", "exact:0.5", "grid:0.3", "grid:0.5"}
-    k = surv["exact:0.3"]["r1"]["kept_fraction"]
+    surv = res["projection"][0]["offset_survival"]
+    assert set(surv) == {"random", "sea"} and set(surv["sea"]) == {"exact:0.3", "exact:0.5", "grid:0.3", "grid:0.5"}
+    k = surv["sea"]["exact:0.3"]["r1"]["kept_fraction"]
     assert np.isfinite(k)
     assert set(res["projection"][0]["delta_lm"]) >= {"lm_loss_clean", "exact:0.3", "grid:0.5"}
     assert (out / "pareto.png").stat().st_size > 5000

@@ -14,13 +14,15 @@ royalty, food, night, winter, happy vs sad):
 3. methods on the same prompts, seeds and strengths: raw addition, GLP projection (SDEdit, each
    ``schedule:t_start`` of ``projections``), prior-guided steering (:mod:`innards.steer.prior`, one run
    per weight) and prompting (the concept stated before the prompt; no strength);
-4. at equal concept: each method's curve over strengths is read at fixed concept levels (linear
-   interpolation at the first crossing), and its fluency there (NLL under the unsteered model,
-   distinct-2) gets a bootstrap CI over prompts, paired across methods (the same resampled prompts),
-   with the difference to raw; the prompting baseline is compared at its own concept level;
+4. at equal concept: each method's curve over strengths is read at concept levels set per concept as
+   fractions q of raw steering's largest rise, c(0) + q (max_r c_raw(r) - c(0)) (linear interpolation at
+   the first crossing), and its fluency there (NLL under the unsteered model, distinct-2) gets a
+   bootstrap CI over prompts, paired across methods and concepts (the same resampled prompts), with the
+   difference to raw, per concept and averaged over the kept concepts; the prompting baseline is
+   compared at its own concept level;
 5. what survives projection: the fraction of a steering offset left after SDEdit (same noise with and
-   without the offset) at each t_start, and the LM cost of projecting clean activations (delta LM
-   loss on held-out documents of the store).
+   without the offset) at each t_start, for each concept's vector and for a random direction, and the
+   LM cost of projecting clean activations (delta LM loss on held-out documents of the store).
 
 GLP methods are repeated for every GLP given (e.g. several training seeds) and the spread of the
 equal-concept differences is reported.
@@ -113,17 +115,17 @@ class ShowcaseConfig:
     """positions steered (last = the reference code's: last prompt token, then every generated token)"""
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(batch_size=50))
     """decoding settings (greedy by default, as the paper's sentiment steering)"""
-    levels: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5])
-    """concept levels P(concept) at which the methods' fluency is compared"""
+    levels: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 0.9])
+    """concept levels at which fluency is compared, as fractions of raw steering's largest concept rise per concept"""
     keep_failing: bool = False
     """compare the methods also on concepts that raw steering does not move (they stay marked as failing)"""
     collapse_nll: float = 2.0
     """fluency has collapsed once the NLL rises by more than this (nats/token) over the unsteered text"""
-    survival_strengths: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    survival_strengths: list[float] = field(default_factory=lambda: [1.0])
     """strengths at which the fraction of the offset surviving SDEdit is measured"""
-    survival_t: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.7, 0.9])
+    survival_t: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7])
     """t_start values of the survival and delta-LM measurements"""
-    survival_rows: int = 4096
+    survival_rows: int = 1024
     """held-out activations used for the survival fractions"""
     delta_lm_docs: int = 128
     """held-out documents of the store for the LM cost of projecting clean activations"""
@@ -147,7 +149,7 @@ class ShowcaseConfig:
             parse_projection(p, self.project_steps)
         require(all(0 <= w <= 1 for w in self.prior_weights + self.seed_prior_weights),
                 "--prior-weights and --seed-prior-weights must be in [0, 1]")
-        require(all(0 < c < 1 for c in self.levels), "--levels must be in (0, 1)")
+        require(all(0 < c <= 1 for c in self.levels), "--levels must be in (0, 1]")
         require(all(0 < t <= 1 for t in self.survival_t), "--survival-t must be in (0, 1]")
         at_least(self, 1, "project_steps", "survival_rows", "delta_lm_docs")
         at_least(self, 100, "n_boot")
@@ -288,11 +290,14 @@ def _showcase(cfg: ShowcaseConfig, run: Run) -> dict:
                                   "project": to_dict(m.project) if m.project else None,
                                   "prior": to_dict(m.prior) if m.prior else None} for m in methods],
                      "concepts": {}}
+    vectors: dict[str, torch.Tensor] = {}
     for concept in cfg.concepts:
-        results["concepts"][concept] = _concept(cfg, run, model, site, glps, glp_ids, norm, prompts, methods, idx,
-                                                concept)
+        results["concepts"][concept], vectors[concept] = _concept(cfg, run, model, site, glps, glp_ids, norm, prompts,
+                                                                  methods, idx, concept)
     results["summary"] = summarise_showcase(results, cfg, methods)
-    results["projection"] = [projection_costs(cfg, model, site, g, norm) for g in glps]
+    for c in results["concepts"].values():
+        c.pop("_boot_nll_minus_raw", None)
+    results["projection"] = [projection_costs(cfg, model, site, g, norm, vectors) for g in glps]
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     run.write_json("results.json", results)
     run.save_png("pareto.png", showcase_figure(results))
@@ -306,7 +311,8 @@ def _showcase(cfg: ShowcaseConfig, run: Run) -> dict:
 
 
 def _concept(cfg: ShowcaseConfig, run: Run, model: PreTrainedModel, site: str, glps: list[GLP], glp_ids: list[str],
-             norm: float, prompts: list[str], methods: list[Method], idx: np.ndarray, concept: str) -> dict:
+             norm: float, prompts: list[str], methods: list[Method], idx: np.ndarray, concept: str
+             ) -> tuple[dict, torch.Tensor]:
     seed = cfg.generation.seed
     sents = concept_sentences(concept)
     ev = train_evaluator(concept, sents["eval_pos"], sents["eval_neg"], seed=seed)
@@ -344,7 +350,7 @@ def _concept(cfg: ShowcaseConfig, run: Run, model: PreTrainedModel, site: str, g
         if m is raw:
             passed = analyse_concept(cfg, ev, sv.meta, cells, [raw], idx, len(overlap))["raw_test"]["passes"]
     used = methods if passed or cfg.keep_failing else [raw, *prompting]
-    return analyse_concept(cfg, ev, sv.meta, cells, used, idx, len(overlap))
+    return analyse_concept(cfg, ev, sv.meta, cells, used, idx, len(overlap)), sv.vector
 
 
 def _generate(cfg: ShowcaseConfig, model: PreTrainedModel, site: str, glps: list[GLP], vector: torch.Tensor, norm: float,
@@ -420,21 +426,27 @@ def _analyse(cfg: ShowcaseConfig, ev: ConceptEvaluator, vector_meta: dict, cells
     # equal concept: each method's NLL and distinct-2 at the levels, and its paired difference to raw
     eq: dict = {}
     raw = boot["raw"]
-    levels = [lv for lv in cfg.levels]
+    c0, cmax = res["curves"]["raw"][0]["concept"], max(p["concept"] for p in res["curves"]["raw"])
+    levels = [c0 + q * (cmax - c0) for q in cfg.levels]
+    res["levels"] = {"fractions": list(cfg.levels), "concept": levels, "raw_c0": c0, "raw_cmax": cmax}
+    diffs: dict[str, list[np.ndarray]] = {}
     for m in methods:
         if m.kind == "prompt":
             continue
         bm = boot[m.name]
         rows = []
-        for lv in levels:
+        diffs[m.name] = []
+        for q, lv in zip(cfg.levels, levels):
             nl, d2 = at_level(bm["concept"], bm["nll"], lv), at_level(bm["concept"], bm["distinct2"], lv)
             rn, rd = at_level(raw["concept"], raw["nll"], lv), at_level(raw["concept"], raw["distinct2"], lv)
-            rows.append({"level": lv, "reached": float(np.isfinite(nl).mean()),
+            diffs[m.name].append(nl - rn)
+            rows.append({"fraction": q, "level": lv, "reached": float(np.isfinite(nl).mean()),
                          "nll": _nanmean(nl), "nll_ci": _ci(nl), "distinct2": _nanmean(d2), "distinct2_ci": _ci(d2),
                          "nll_minus_raw": _nanmean(nl - rn), "nll_minus_raw_ci": _ci(nl - rn),
                          "distinct2_minus_raw": _nanmean(d2 - rd), "distinct2_minus_raw_ci": _ci(d2 - rd)})
         eq[m.name] = rows
     res["equal_concept"] = eq
+    res["_boot_nll_minus_raw"] = diffs  # per method and level, (B,): pooled over concepts in the summary
     # the prompting baseline at its own concept level: each steering method's NLL there, minus prompting's
     for p in [m for m in methods if m.kind == "prompt"]:
         bp = boot[p.name]
@@ -482,68 +494,76 @@ def raw_moves(arr: dict[str, np.ndarray], b: dict[str, np.ndarray], strengths: l
 
 
 def summarise_showcase(results: dict, cfg: ShowcaseConfig, methods: list[Method]) -> dict:
-    """Across kept concepts: mean NLL difference to raw at each level, the best method per level, GLP-seed spread."""
+    """Across kept concepts: NLL difference to raw at each level (pooled paired bootstrap), best method, seed spread."""
     kept = [c for c, r in results["concepts"].items() if r["raw_test"]["passes"] and len(r["curves"]) > 1]
     dropped = {c: r["raw_test"] for c, r in results["concepts"].items() if c not in kept}
     names = [m.name for m in methods if m.kind not in ("prompt",)]
     per_level: dict = {}
-    for li, lv in enumerate(cfg.levels):
+    for li, q in enumerate(cfg.levels):
         row = {}
         for name in names:
-            diffs = [results["concepts"][c]["equal_concept"][name][li]["nll_minus_raw"] for c in kept]
-            sig = [results["concepts"][c]["equal_concept"][name][li]["nll_minus_raw_ci"] for c in kept]
-            fin = [(d, s) for d, s in zip(diffs, sig) if math.isfinite(d)]
-            row[name] = {"mean_nll_minus_raw": float(np.mean([d for d, _ in fin])) if fin else math.nan,
-                         "concepts_compared": len(fin),
-                         "concepts_better_ci": sum(1 for _, s in fin if s[1] < 0),
-                         "concepts_worse_ci": sum(1 for _, s in fin if s[0] > 0)}
-        best = min((n for n in names if math.isfinite(row[n]["mean_nll_minus_raw"]) and row[n]["concepts_compared"]),
-                   key=lambda n: row[n]["mean_nll_minus_raw"], default=None)
-        per_level[f"{lv:g}"] = {"methods": row, "best": best}
-    base = {m.name.split("@")[0] for m in methods if m.kind in ("project", "prior")}
-    # spread over GLPs (training seeds): a method's mean NLL difference at each level, one value per GLP
-    spread = {}
-    for b in sorted(base):
+            per = [results["concepts"][c]["equal_concept"][name][li] for c in kept]
+            # the same prompt resamples for every concept: the mean over concepts of each resample's difference
+            pooled = np.stack([results["concepts"][c]["_boot_nll_minus_raw"][name][li] for c in kept]) if kept else None
+            reached = np.isfinite(pooled).all(0) if pooled is not None else np.zeros(0, bool)
+            mean_b = pooled.mean(0) if pooled is not None else np.zeros(0)
+            row[name] = {"mean_nll_minus_raw": _nanmean(np.array([x["nll_minus_raw"] for x in per], dtype=float)),
+                         "pooled_nll_minus_raw": float(mean_b[reached].mean()) if reached.any() else math.nan,
+                         "pooled_nll_minus_raw_ci": _ci(mean_b[reached]) if reached.any() else [math.nan, math.nan],
+                         "pooled_reached": float(reached.mean()) if reached.size else 0.0,
+                         "concepts_compared": sum(1 for x in per if math.isfinite(x["nll_minus_raw"])),
+                         "concepts_better_ci": sum(1 for x in per if x["nll_minus_raw_ci"][1] < 0),
+                         "concepts_worse_ci": sum(1 for x in per if x["nll_minus_raw_ci"][0] > 0)}
+        cands = [n for n in names if row[n]["pooled_reached"] >= 0.5 and math.isfinite(row[n]["pooled_nll_minus_raw"])]
+        best = min(cands, key=lambda n: row[n]["pooled_nll_minus_raw"], default=None)
+        per_level[f"{q:g}"] = {"methods": row, "best": best,
+                               "best_beats_raw": bool(best and best != "raw" and row[best]["pooled_nll_minus_raw_ci"][1] < 0)}
+    base = sorted({m.name.split("@")[0] for m in methods if m.kind in ("project", "prior")})
+    # spread over GLPs (training seeds): a method's pooled NLL difference at each level, one value per GLP
+    spread: dict = {}
+    for b in base:
         spread[b] = {}
         for lv, pl in per_level.items():
-            vals = [pl["methods"][n]["mean_nll_minus_raw"] for n in names if n.split("@")[0] == b]
+            vals = [pl["methods"][n]["pooled_nll_minus_raw"] for n in names if n.split("@")[0] == b]
             spread[b][lv] = _mean_std(vals) | {"values": vals}
-    overall = {}
-    for b in sorted(base):
-        vals = [pl["methods"][b]["mean_nll_minus_raw"] for pl in per_level.values()]
-        overall[b] = _nanmean(np.array(vals, dtype=float))
+    overall = {b: _nanmean(np.array([pl["methods"][b]["pooled_nll_minus_raw"] for pl in per_level.values()], dtype=float))
+               for b in base}
     return {"kept": kept, "dropped": {c: {"first_significant_strength": d["first_significant_strength"],
                                           "collapse_strength": d["collapse_strength"]} for c, d in dropped.items()},
-            "per_level": per_level, "glp_seed_spread": spread, "best_at_equal_concept": overall}
+            "per_level": per_level, "glp_seed_spread": spread, "best_at_equal_concept": overall,
+            "levels_are": "fractions of raw steering's largest concept rise, per concept"}
 
 
 # ---------------------------------------------------------------- projection costs
 @torch.no_grad()
-def projection_costs(cfg: ShowcaseConfig, model: PreTrainedModel, site: str, glp: GLP, norm: float) -> dict:
-    """Fraction of a steering offset surviving SDEdit per t_start, and the delta LM loss of projecting clean activations."""
+def projection_costs(cfg: ShowcaseConfig, model: PreTrainedModel, site: str, glp: GLP, norm: float,
+                     vectors: dict[str, torch.Tensor] | None = None) -> dict:
+    """Fraction of a steering offset surviving SDEdit per t_start (each concept's vector and a random direction),
+    and the delta LM loss of projecting clean activations."""
     store = ActivationStore(cfg.acts)
     rows = store.split_rows("val")
     rng = np.random.default_rng(cfg.generation.seed)
     pick = np.sort(rng.choice(rows, size=min(cfg.survival_rows, rows.size), replace=False))
     a = store.rows(pick, site=site, normalize=False).float().to(glp.device)
     g = torch.Generator(device="cpu").manual_seed(cfg.generation.seed)
-    v = torch.randn(a.shape[1], generator=g)
-    v = (v / v.norm()).to(glp.device)
-    surv: dict = {}
+    rand = torch.randn(a.shape[1], generator=g)
+    directions = {"random": rand / rand.norm(), **(vectors or {})}
+    surv: dict = {name: {} for name in directions}
     for sched in ("exact", "grid"):
         for t in cfg.survival_t:
             pc = ProjectionConfig(t_start=t, steps=cfg.project_steps, schedule=sched)
             noise = torch.randn(a.shape, generator=g).to(glp.device)
             base = glp.project(a, noise=noise, site=site, **pc.kwargs())
-            row = {}
-            for r in cfg.survival_strengths:
-                alpha = r * norm
-                moved = glp.project(a + alpha * v, noise=noise, site=site, **pc.kwargs())
-                kept = ((moved - base) @ v) / alpha
-                kept_abs = ((moved - a) @ v) / alpha
-                row[f"r{r:g}"] = {"kept_fraction": float(kept.mean()), "kept_fraction_sd": float(kept.std()),
-                                  "kept_vs_clean": float(kept_abs.mean())}
-            surv[f"{sched}:{t:g}"] = row
+            for name, v in directions.items():
+                v = v.to(glp.device)
+                row = {}
+                for r in cfg.survival_strengths:
+                    alpha = r * norm
+                    moved = glp.project(a + alpha * v, noise=noise, site=site, **pc.kwargs())
+                    kept = ((moved - base) @ v) / alpha
+                    row[f"r{r:g}"] = {"kept_fraction": float(kept.mean()), "kept_fraction_sd": float(kept.std()),
+                                      "kept_vs_clean": float((((moved - a) @ v) / alpha).mean())}
+                surv[name][f"{sched}:{t:g}"] = row
     docs = sequences_from_rows(store.doc_ids[rows], store.positions[rows], store.token_ids[rows],
                                model.tokenizer.bos_token_id, max_len=64, max_docs=cfg.delta_lm_docs, seed=0)
     reps = {}
@@ -553,16 +573,25 @@ def projection_costs(cfg: ShowcaseConfig, model: PreTrainedModel, site: str, glp
             reps[f"{sched}:{t:g}"] = (lambda x, pc=pc: glp.project(x.float(), seed=0, site=site, **pc.kwargs()))
     dl = delta_lm_loss(model, site, docs, reps, bos_id=model.tokenizer.bos_token_id,
                        pad_id=model.tokenizer.pad_token_id or 0, progress=False)
-    return {"random_direction_survival": surv,
+    return {"offset_survival": surv,
             "delta_lm": {"lm_loss_clean": dl["lm_loss_clean"], "docs": dl["delta_lm_docs"], "tokens": dl["delta_lm_tokens"],
                          **{k: {"delta": dl[f"delta_lm_{k}"], "se": dl[f"delta_lm_{k}_se"]} for k in reps}},
             "note": "kept_fraction = <P(a + alpha v) - P(a), v> / alpha with the same noise for both (1 = the offset "
-                    "survives whole); kept_vs_clean = <P(a + alpha v) - a, v> / alpha; v a random unit direction"}
+                    "survives whole); kept_vs_clean = <P(a + alpha v) - a, v> / alpha; v each concept's steering vector "
+                    "or a random unit direction; a = held-out activations of the store"}
 
 
 # ---------------------------------------------------------------- reporting
-COLORS = {"raw": "tab:red", "sdedit-exact:0.3": "tab:blue", "sdedit-exact:0.5": "navy", "sdedit-grid:0.3": "tab:cyan",
-          "sdedit-grid:0.5": "teal", "prior-w0.25": "tab:green", "prior-w0.5": "darkgreen"}
+def _color(name: str) -> str:
+    """One color per method family: raw red, SDEdit blues, prior-guided greens."""
+    if name == "raw":
+        return "tab:red"
+    blues = {"sdedit-exact:0.3": "tab:blue", "sdedit-exact:0.5": "navy", "sdedit-grid:0.3": "tab:cyan",
+             "sdedit-grid:0.5": "teal"}
+    if name in blues:
+        return blues[name]
+    greens = ["yellowgreen", "tab:green", "darkgreen", "olive"]
+    return greens[hash(name) % len(greens)] if name.startswith("prior") else "tab:purple"
 
 
 def showcase_figure(results: dict) -> plt.Figure:
@@ -578,8 +607,8 @@ def showcase_figure(results: dict) -> plt.Figure:
                 continue
             x = [p["nll"] for p in curve]
             y = [p["concept"] for p in curve]
-            ax.plot(x, y, "o-", ms=3, lw=1.2, color=COLORS.get(name), label=name)
-            ax.annotate(f"r={curve[-1]['strength']:g}", (x[-1], y[-1]), fontsize=6, color=COLORS.get(name))
+            ax.plot(x, y, "o-", ms=3, lw=1.2, color=_color(name), label=name)
+            ax.annotate(f"r={curve[-1]['strength']:g}", (x[-1], y[-1]), fontsize=6, color=_color(name))
         for name, p in r["prompting"].items():
             ax.errorbar([p["nll"]], [p["concept"]], xerr=[[p["nll"] - p["nll_ci"][0]], [p["nll_ci"][1] - p["nll"]]],
                         yerr=[[p["concept"] - p["concept_ci"][0]], [p["concept_ci"][1] - p["concept"]]],
@@ -611,8 +640,9 @@ def format_showcase(results: dict) -> str:
         best = pl["best"]
         if best:
             b = pl["methods"][best]
-            lines.append(f"concept {lv}: best {best} (NLL {b['mean_nll_minus_raw']:+.3f} vs raw, better in "
-                         f"{b['concepts_better_ci']}/{b['concepts_compared']} concepts with CI)")
+            lines.append(f"level q={lv}: best {best} (pooled NLL {b['pooled_nll_minus_raw']:+.3f} vs raw "
+                         f"{_ci_s(b['pooled_nll_minus_raw_ci'], '+.3f')}, better in {b['concepts_better_ci']}/"
+                         f"{b['concepts_compared']} concepts with CI)")
     return "\n".join(lines)
 
 
@@ -644,26 +674,31 @@ def showcase_markdown(results: dict) -> str:
         L.append(f"| {c} | {r['evaluator']['accuracy']:.3f} (n={r['evaluator']['n_test']}) | {_f(fs, 'g')} | {rise} | "
                  f"{_f(t['collapse_strength'], 'g')} | {'yes' if c in results['summary']['kept'] else 'DROPPED'} |")
     L += ["", "## 2. Fluency at equal concept (NLL under the unsteered LM, nats/token; lower is better)", "",
-          "Each method's curve over r is read at the concept level (first crossing, linear interpolation); "
-          "CIs are 95% paired bootstrap over prompts; 'reached' is the fraction of resamples in which the curve gets there.", ""]
+          "Levels are fractions q of raw steering's largest concept rise for each concept (level = c(0) + q (max c_raw - c(0))). "
+          "Each method's curve over r is read there (first crossing, linear interpolation); CIs are 95% paired bootstrap "
+          "over prompts; 'reached' is the fraction of resamples in which the curve gets there.", ""]
     for c in results["summary"]["kept"]:
         eq = results["concepts"][c]["equal_concept"]
-        L += [f"### {c}", "", "| method | level | reached | NLL [95% CI] | NLL - raw [95% CI] | distinct-2 | distinct-2 - raw |",
-              "|---|---:|---:|---|---|---:|---:|"]
+        L += [f"### {c}", "", "| method | q | level | reached | NLL [95% CI] | NLL - raw [95% CI] | distinct-2 | distinct-2 - raw |",
+              "|---|---:|---:|---:|---|---|---:|---:|"]
         for name, rows in eq.items():
             for x in rows:
-                L.append(f"| {name} | {x['level']:g} | {x['reached']:.2f} | {_f(x['nll'])} {_ci_s(x['nll_ci'])} | "
+                L.append(f"| {name} | {x['fraction']:g} | {x['level']:.3f} | {x['reached']:.2f} | {_f(x['nll'])} {_ci_s(x['nll_ci'])} | "
                          f"{_f(x['nll_minus_raw'], '+.3f')} {_ci_s(x['nll_minus_raw_ci'], '+.3f')} | {_f(x['distinct2'])} | "
                          f"{_f(x['distinct2_minus_raw'], '+.3f')} |")
         L.append("")
-    L += ["## 3. Summary over kept concepts", "", "| level | method | mean NLL - raw | concepts better (CI) | worse (CI) | compared |",
-          "|---:|---|---:|---:|---:|---:|"]
+    L += ["## 3. Summary over kept concepts", "",
+          "NLL - raw averaged over the kept concepts, with a 95% CI from the same prompt resamples in every concept "
+          "(resamples where some concept's curve does not reach the level are left out: 'reached').", "",
+          "| q | method | NLL - raw, pooled [95% CI] | reached | concepts better (CI) | worse (CI) | compared |",
+          "|---:|---|---|---:|---:|---:|---:|"]
     for lv, pl in results["summary"]["per_level"].items():
         for name, m in pl["methods"].items():
             if name == "raw" or "@" in name:
                 continue
             star = " **best**" if name == pl["best"] else ""
-            L.append(f"| {lv} | {name}{star} | {_f(m['mean_nll_minus_raw'], '+.3f')} | {m['concepts_better_ci']} | "
+            L.append(f"| {lv} | {name}{star} | {_f(m['pooled_nll_minus_raw'], '+.3f')} "
+                     f"{_ci_s(m['pooled_nll_minus_raw_ci'], '+.3f')} | {m['pooled_reached']:.2f} | {m['concepts_better_ci']} | "
                      f"{m['concepts_worse_ci']} | {m['concepts_compared']} |")
     L += ["", "## 4. Prompting baseline (the concept stated before the prompt)", "",
           "| concept | prompt | concept score [95% CI] | NLL [95% CI] | raw NLL at that concept - prompting [95% CI] |",
@@ -683,17 +718,18 @@ def showcase_markdown(results: dict) -> str:
                                                    for v in per.values()) + " |")
     L += ["", "## 6. What survives projection, and what projecting costs", ""]
     for gi, pr in enumerate(results["projection"]):
-        surv = pr["random_direction_survival"]
-        keys = list(surv)
-        rs = list(next(iter(surv.values())))
-        L += [f"GLP {gi}: fraction of a steering offset (random unit direction, r x ||a||) left after SDEdit; "
+        surv = pr["offset_survival"]
+        dirs = list(surv)
+        keys = list(surv[dirs[0]])
+        r0 = list(surv[dirs[0]][keys[0]])[-1]
+        L += [f"GLP {gi}: fraction of a steering offset (r x ||a||, {r0}) left after SDEdit, per direction; "
               f"delta LM loss of projecting clean activations ({pr['delta_lm']['docs']} held-out documents, "
               f"{pr['delta_lm']['tokens']} tokens, clean loss {pr['delta_lm']['lm_loss_clean']:.3f}).", "",
-              "| schedule:t_start | " + " | ".join(f"kept at {r}" for r in rs) + " | delta LM [± se] |",
-              "|---|" + "---:|" * (len(rs) + 1)]
+              "| schedule:t_start | " + " | ".join(f"kept: {d}" for d in dirs) + " | delta LM [± se] |",
+              "|---|" + "---:|" * (len(dirs) + 1)]
         for k in keys:
             dl = pr["delta_lm"].get(k, {})
-            L.append(f"| {k} | " + " | ".join(f"{surv[k][r]['kept_fraction']:.3f}" for r in rs) +
+            L.append(f"| {k} | " + " | ".join(f"{surv[d][k][r0]['kept_fraction']:.3f}" for d in dirs) +
                      f" | {_f(dl.get('delta'), '+.4f')} ± {_f(dl.get('se'), '.4f')} |")
         L.append("")
     return "\n".join(L) + "\n"
