@@ -213,3 +213,31 @@ def test_summary_ci_covers_the_mean():
     d = s["features"]["b"]["delta_vs_a"]
     assert d["mean"] == pytest.approx(0.05) and d["wins"] == 40
     assert "| a | 8 |" in format_table(s) and "skipped 1 task(s)" in format_table(s)
+
+
+def test_glp_options_pass_through_and_hub_ids(setup, tmp_path, monkeypatch):
+    """probe --features glp:X with --glp-revision/--glp-checkpoint/--restats reaches GLP.from_pretrained."""
+    from innards.glp.model import GLP
+    from innards.probe.features import parse_features
+
+    seen = []
+    real = GLP.from_pretrained.__func__
+
+    def spy(cls, path, *a, **k):
+        seen.append(dict(k, path=str(path)))
+        return real(cls, path, *a, **{x: v for x, v in k.items() if x not in ("revision", "checkpoint", "restats")})
+
+    monkeypatch.setattr(GLP, "from_pretrained", classmethod(spy))
+    monkeypatch.setattr("innards.probe.features.file_sha256", lambda *a, **k: "0" * 64)
+    store = tmp_path / "store"
+    store.mkdir()
+    out = tmp_path / "run"
+    assert _run(setup, out, "--features", f"glp:{setup['glp']}", "--max-tasks", "1", "--glp-revision", "r1",
+                "--checkpoint", "final", "--restats", str(store)) == 0
+    assert seen and all(k["revision"] == "r1" and k["checkpoint"] == "final" and k["restats"] == str(store) for k in seen)
+    rec = json.loads((out / "tasks" / "1_sent.json").read_text())
+    assert rec["features"]["glp:glp"]["source"]["path"] == str(setup["glp"].resolve())
+    # a hub id is kept as given (not resolved under the working directory)
+    hub = parse_features(["glp:some-org/glp-model", "sae:some-release/blocks.3.hook_resid_post"])
+    assert [s.name for s in hub] == ["glp:some-org/glp-model", "sae:some-release/blocks.3.hook_resid_post"]
+    assert not hub[0].local
