@@ -595,12 +595,14 @@ def _color(name: str) -> str:
 
 
 def showcase_figure(results: dict) -> plt.Figure:
-    """One panel per concept: concept score vs NLL per method along strengths (main GLP), prompting as stars."""
+    """Concept panels (concept vs NLL per method along r, prompting as stars), then the equal-concept summary,
+    the offset survival and the LM cost of projection."""
     concepts = list(results["concepts"])
     cols = 3
-    rows = math.ceil(len(concepts) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
-    for ax, c in zip(axes.flat, concepts):
+    rows = math.ceil((len(concepts) + 3) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.4 * cols, 4.3 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax, c in zip(flat, concepts):
         r = results["concepts"][c]
         for name, curve in r["curves"].items():
             if "@" in name:
@@ -613,16 +615,62 @@ def showcase_figure(results: dict) -> plt.Figure:
             ax.errorbar([p["nll"]], [p["concept"]], xerr=[[p["nll"] - p["nll_ci"][0]], [p["nll_ci"][1] - p["nll"]]],
                         yerr=[[p["concept"] - p["concept_ci"][0]], [p["concept_ci"][1] - p["concept"]]],
                         fmt="*", ms=10, color="black" if name == "prompt-1" else "gray", label=name)
-        t = r["raw_test"]
-        status = "kept" if t["passes"] else "DROPPED: raw steering does not move it"
+        status = "kept" if c in results["summary"]["kept"] else "DROPPED: raw steering does not move it"
         ax.set_title(f"{c} (evaluator acc. {r['evaluator']['accuracy']:.2f}; {status})", fontsize=9)
         ax.set_xlabel("fluency: NLL under the unsteered LM (nats/token, lower = better)", fontsize=8)
         ax.set_ylabel(f"concept: P({c} | continuation)", fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(concepts):]:
+    flat[0].legend(fontsize=6, loc="best")
+    # equal concept: pooled NLL - raw per level and method, main GLP
+    ax = flat[len(concepts)]
+    levels = list(results["summary"]["per_level"])
+    for name in results["summary"]["per_level"][levels[0]]["methods"]:
+        if "@" in name:
+            continue
+        m = [results["summary"]["per_level"][q]["methods"][name] for q in levels]
+        y = np.array([v["pooled_nll_minus_raw"] for v in m], dtype=float)
+        lo = np.array([v["pooled_nll_minus_raw_ci"][0] for v in m], dtype=float)
+        hi = np.array([v["pooled_nll_minus_raw_ci"][1] for v in m], dtype=float)
+        x = np.array([float(q) for q in levels])
+        ax.errorbar(x, y, yerr=[np.abs(y - lo), np.abs(hi - y)], fmt="o-", ms=3, capsize=2, color=_color(name), label=name)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_title(f"at equal concept: NLL - raw, mean over {len(results['summary']['kept'])} kept concepts (95% CI)", fontsize=9)
+    ax.set_xlabel("concept level q: fraction of raw steering's largest rise", fontsize=8)
+    ax.set_ylabel("NLL difference to raw (nats/token; < 0 = more fluent)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    # what survives projection and what projecting costs (main GLP)
+    pr = results["projection"][0]
+    surv = pr["offset_survival"]
+    ax = flat[len(concepts) + 1]
+    for d, per in surv.items():
+        for sched, style in (("exact", "o-"), ("grid", "s--")):
+            ks = [k for k in per if k.startswith(sched + ":")]
+            ts = [float(k.split(":")[1]) for k in ks]
+            r0 = list(per[ks[0]])[-1]
+            ax.plot(ts, [per[k][r0]["kept_fraction"] for k in ks], style, ms=3, lw=1,
+                    color="black" if d == "random" else None, label=f"{d} ({sched})")
+    ts = sorted({float(k.split(":")[1]) for k in next(iter(surv.values()))})
+    ax.plot(ts, [1 - t for t in ts], ":", color="gray", label="1 - t")
+    ax.set_title("fraction of a steering offset left after SDEdit", fontsize=9)
+    ax.set_xlabel("t_start", fontsize=8)
+    ax.set_ylabel("<P(a + alpha v) - P(a), v> / alpha", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=5, ncol=2)
+    ax = flat[len(concepts) + 2]
+    for sched, style in (("exact", "o-"), ("grid", "s--")):
+        ks = [k for k in pr["delta_lm"] if isinstance(pr["delta_lm"][k], dict) and k.startswith(sched + ":")]
+        ts = [float(k.split(":")[1]) for k in ks]
+        ax.errorbar(ts, [pr["delta_lm"][k]["delta"] for k in ks], yerr=[pr["delta_lm"][k]["se"] for k in ks], fmt=style,
+                    ms=3, capsize=2, label=sched)
+    ax.set_title(f"LM cost of projecting clean activations (clean loss {pr['delta_lm']['lm_loss_clean']:.2f})", fontsize=9)
+    ax.set_xlabel("t_start", fontsize=8)
+    ax.set_ylabel("delta LM loss (nats/token, +- se)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    for ax in flat[len(concepts) + 3:]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=6, loc="best")
-    fig.suptitle(f"Steering the demo LM at {results['site']}: concept vs fluency along strength r = 0..{results['strengths'][-1]:g} "
+    fig.suptitle(f"Steering {results['model']} at {results['site']}: concept vs fluency along strength r = 0..{results['strengths'][-1]:g} "
                  f"({results['n_prompts']} prompts, greedy; main GLP), prompting baseline as stars", fontsize=11)
     fig.tight_layout()
     return fig
