@@ -503,19 +503,25 @@ def summarise_showcase(results: dict, cfg: ShowcaseConfig, methods: list[Method]
         row = {}
         for name in names:
             per = [results["concepts"][c]["equal_concept"][name][li] for c in kept]
-            # the same prompt resamples for every concept: the mean over concepts of each resample's difference
-            pooled = np.stack([results["concepts"][c]["_boot_nll_minus_raw"][name][li] for c in kept]) if kept else None
-            reached = np.isfinite(pooled).all(0) if pooled is not None else np.zeros(0, bool)
-            mean_b = pooled.mean(0) if pooled is not None else np.zeros(0)
+            # pooled over the concepts whose curve gets to the level (in most resamples); the same prompt resamples
+            # for every concept, so each resample's mean over those concepts gives the CI
+            pool = [c for c, x in zip(kept, per) if x["reached"] >= 0.5]
+            stack = np.stack([results["concepts"][c]["_boot_nll_minus_raw"][name][li] for c in pool]) if pool else None
+            reached = np.isfinite(stack).all(0) if stack is not None else np.zeros(0, bool)
+            mean_b = stack.mean(0) if stack is not None else np.zeros(0)
             row[name] = {"mean_nll_minus_raw": _nanmean(np.array([x["nll_minus_raw"] for x in per], dtype=float)),
+                         "pooled_concepts": pool,
                          "pooled_nll_minus_raw": float(mean_b[reached].mean()) if reached.any() else math.nan,
                          "pooled_nll_minus_raw_ci": _ci(mean_b[reached]) if reached.any() else [math.nan, math.nan],
                          "pooled_reached": float(reached.mean()) if reached.size else 0.0,
                          "concepts_compared": sum(1 for x in per if math.isfinite(x["nll_minus_raw"])),
                          "concepts_better_ci": sum(1 for x in per if x["nll_minus_raw_ci"][1] < 0),
                          "concepts_worse_ci": sum(1 for x in per if x["nll_minus_raw_ci"][0] > 0)}
-        cands = [n for n in names if row[n]["pooled_reached"] >= 0.5 and math.isfinite(row[n]["pooled_nll_minus_raw"])]
-        best = min(cands, key=lambda n: row[n]["pooled_nll_minus_raw"], default=None)
+        # best: lowest NLL difference among methods that get there in every concept raw does (else a method could
+        # win by being compared only where it is easy)
+        full = [n for n in names if len(row[n]["pooled_concepts"]) == len(row["raw"]["pooled_concepts"])
+                and math.isfinite(row[n]["pooled_nll_minus_raw"])]
+        best = min(full, key=lambda n: row[n]["pooled_nll_minus_raw"], default=None)
         per_level[f"{q:g}"] = {"methods": row, "best": best,
                                "best_beats_raw": bool(best and best != "raw" and row[best]["pooled_nll_minus_raw_ci"][1] < 0)}
     base = sorted({m.name.split("@")[0] for m in methods if m.kind in ("project", "prior")})
@@ -736,17 +742,18 @@ def showcase_markdown(results: dict) -> str:
                          f"{_f(x['distinct2_minus_raw'], '+.3f')} |")
         L.append("")
     L += ["## 3. Summary over kept concepts", "",
-          "NLL - raw averaged over the kept concepts, with a 95% CI from the same prompt resamples in every concept "
-          "(resamples where some concept's curve does not reach the level are left out: 'reached').", "",
-          "| q | method | NLL - raw, pooled [95% CI] | reached | concepts better (CI) | worse (CI) | compared |",
-          "|---:|---|---|---:|---:|---:|---:|"]
+          "NLL - raw averaged over the kept concepts whose curve gets to the level (in at least half the resamples; "
+          "'pooled over'), with a 95% CI from the same prompt resamples in every concept. 'best' is the lowest among the "
+          "methods that get there wherever raw does.", "",
+          "| q | method | NLL - raw, pooled [95% CI] | pooled over | concepts better (CI) | worse (CI) | compared |",
+          "|---:|---|---|---|---:|---:|---:|"]
     for lv, pl in results["summary"]["per_level"].items():
         for name, m in pl["methods"].items():
             if name == "raw" or "@" in name:
                 continue
             star = " **best**" if name == pl["best"] else ""
             L.append(f"| {lv} | {name}{star} | {_f(m['pooled_nll_minus_raw'], '+.3f')} "
-                     f"{_ci_s(m['pooled_nll_minus_raw_ci'], '+.3f')} | {m['pooled_reached']:.2f} | {m['concepts_better_ci']} | "
+                     f"{_ci_s(m['pooled_nll_minus_raw_ci'], '+.3f')} | {', '.join(m['pooled_concepts']) or '–'} | {m['concepts_better_ci']} | "
                      f"{m['concepts_worse_ci']} | {m['concepts_compared']} |")
     L += ["", "## 4. Prompting baseline (the concept stated before the prompt)", "",
           "| concept | prompt | concept score [95% CI] | NLL [95% CI] | raw NLL at that concept - prompting [95% CI] |",
