@@ -152,9 +152,56 @@ def test_train_sae_cli_on_a_store(tiny_model_dir, tmp_path):
     sae = load_sae(out)
     assert sae.site == "blocks.1.resid_post"
     before = (out / "sae_weights.safetensors").read_bytes()
-    assert main(args) == 2  # refuses to replace without --overwrite, and leaves it intact
+    assert main(args) == 0  # the same run again: already complete, nothing redone
+    assert main([*args, "--k", "4"]) == 2  # other settings: refused without --overwrite, the SAE left intact
     assert (out / "sae_weights.safetensors").read_bytes() == before
     assert (out / "metrics.jsonl").is_file() and (out / "config.yaml").is_file()
+    run = json.loads((out / "run.json").read_text())
+    assert run["kind"] == "sae" and run["status"] == "complete" and run["headline"]["val_fvu"] == summary["val_fvu"]
+    assert not (out / "resume").exists()
+
+
+def test_train_sae_resume_is_exact(tiny_model_dir, tmp_path):
+    from test_glp_eval import make_tiny_store
+
+    from innards.sae.train import SAETrainConfig, train_sae
+
+    store = make_tiny_store(tmp_path, tiny_model_dir("llama"))
+    kw = dict(acts=str(store), k=4, latents="4*d", steps=30, batch_size=128, dead_tokens=2000, save_every=7,
+              log_every=5, progress=False)
+    whole = train_sae(SAETrainConfig(out=str(tmp_path / "whole"), **kw))
+    part = tmp_path / "part"
+    train_sae(SAETrainConfig(out=str(part), stop_after=17, **kw))
+    assert (part / "resume").is_dir() and not (part / "cfg.json").exists()
+    with pytest.raises(InnardsError, match="--resume"):
+        train_sae(SAETrainConfig(out=str(part), **kw))
+    train_sae(SAETrainConfig(out=str(part), resume=True, **kw))
+    a, b = load_file(str(whole / "sae_weights.safetensors")), load_file(str(part / "sae_weights.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    def metrics(d: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(ln).items() if k != "time"} for ln in (d / "metrics.jsonl").read_text().splitlines()]
+
+    assert metrics(whole) == metrics(part) and len(metrics(part)) == 7
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (whole, part))
+    assert sa == sb and sa["steps"] == 30
+
+
+def test_sae_schedule_is_the_skeletons_wsd():
+    from innards.sae.train import SAEOptimConfig
+    from innards.train.optim import lr_factor
+
+    for steps in (37, 1000, 5000):
+        o = SAEOptimConfig(lr=1.0).resolved(steps, 512)
+        assert (o.schedule, o.final_lr_frac, o.decay) == ("wsd", 0.0, 0.2)
+        w, start = min(100, steps // 20), int(0.8 * steps)
+        for i in range(steps):
+            old = (i + 1) / w if i < w else (max(0.0, (steps - i) / (steps - start)) if i >= start else 1.0)
+            new = lr_factor(i, steps, o)
+            # flat and decay exactly as before; the warm-up ramp is the skeleton's (lr/w at step 0, as before)
+            assert new == pytest.approx(old, abs=1e-12) if (i >= w or i == 0) else abs(new - old) < 1.0 / w
+    assert SAEOptimConfig().resolved(1000, 2 ** 14).lr == pytest.approx(2e-4)
+    with pytest.raises(InnardsError, match="--optim.lr"):
+        SAEOptimConfig(lr=-1.0)
 
 
 # ----- SAELens's own files and outputs (../shared/fixtures/saelens, written by sae-lens 6.54.12) ---------

@@ -12,6 +12,6 @@ def main(argv: list[str] | None = None) -> int:
         train_sae(cfg)
         return 0
 
-    return command(SAETrainConfig, run, argv, prog="innards sae train",
+    return command(SAETrainConfig, run, argv, prog="innards sae train", aliases={"--lr": "--optim.lr"},
                    description="Train a TopK SAE on a store's train split; writes cfg.json + sae_weights.safetensors "
                                "(SAELens format).")

@@ -45,7 +45,7 @@ from innards.run import Run, save_png
 from innards.runtime import default_device
 from innards.sae.load import load_sae
 from innards.sae.model import SparseAutoencoder
-from innards.sae.train import SAETrainConfig, train_sae
+from innards.sae.train import SAETrainConfig, heldout_metrics, train_sae
 
 Result = dict[str, object]
 
@@ -255,16 +255,6 @@ def quick_sae(cfg: EvalConfig, site: str, store: ActivationStore, out_json: Path
                                     seed=cfg.seed, device=cfg.model.device, overwrite=True, progress=cfg.progress))
 
 
-@torch.no_grad()
-def sae_heldout_metrics(sae: SparseAutoencoder, x: torch.Tensor) -> dict[str, float | int]:
-    """FVU, mean L0 and never-firing fraction of an SAE on the held-out rows ``x`` the evaluation uses."""
-    z = torch.cat([sae.encode(x[i:i + 4096]) for i in range(0, x.shape[0], 4096)])
-    recon = torch.cat([sae.reconstruct(x[i:i + 4096]) for i in range(0, x.shape[0], 4096)])
-    fvu = float((recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
-    return {"val_fvu": fvu, "val_l0": float((z > 0).sum(-1).float().mean()),
-            "val_dead_fraction": float((~(z > 0).any(0)).float().mean()), "val_rows": int(x.shape[0])}
-
-
 def evaluate_glp(cfg: EvalConfig) -> Result:
     """Run the evaluation, print a table, write the JSON (and a PCA plot) to ``cfg.out``; returns the result."""
     if not cfg.glp:
@@ -378,7 +368,7 @@ def _evaluate(cfg: EvalConfig, glp: GLP, site: str, store: ActivationStore, vsto
         x_sae = torch.cat([sae.reconstruct(x_val[i:i + 4096]) for i in range(0, n, 4096)]).float()
         # the SAE's error on the held-out set in use, whichever it is (--val-acts too)
         sae_info = {"path": str(sae_dir), "architecture": sae.architecture, "k": sae.k, "d_sae": sae.d_sae,
-                    "trained_here": not cfg.sae, **sae_heldout_metrics(sae, x_val)}
+                    "trained_here": not cfg.sae, **heldout_metrics(sae, x_val)}
         tick("sae")
     else:
         notes.append("fd_sae/delta_lm_sae: no SAE given and --no-train-sae")
