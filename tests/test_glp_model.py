@@ -249,3 +249,36 @@ def test_sample_cli(trained, tmp_path):
     assert load_file(str(out2))["acts"].shape == (3, D)
     assert main(["glp", "sample", "--glp", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert np.load(out).shape == (10, D)  # the failed run did not touch the earlier output
+
+
+def test_pc2_is_second_order_at_one_evaluation_per_step():
+    A = torch.tensor([[-1.0, 2.0], [-2.0, -0.5]], dtype=torch.float64)
+    z1 = torch.tensor([[1.0, -0.5]], dtype=torch.float64)
+    calls = []
+
+    def vel(z, t):
+        calls.append(t)
+        return z @ A.T
+
+    exact = z1 @ torch.linalg.matrix_exp(-A).T  # from t = 1 to t = 0
+    err = {}
+    for solver in ("euler", "ab2", "pc2"):
+        for k in (16, 32):
+            calls.clear()
+            z = sch.integrate(vel, z1, sch.sample_grid(k), solver)
+            assert len(calls) == k == sch.n_evaluations(sch.sample_grid(k), solver)
+            err[solver, k] = float((z - exact).abs().max())
+    assert 1.7 < err["euler", 16] / err["euler", 32] < 2.3
+    for solver in ("ab2", "pc2"):
+        assert 3.3 < err[solver, 16] / err[solver, 32] < 4.7, (solver, err)
+    assert err["pc2", 16] < err["ab2", 16]
+
+
+def test_shift_schedules():
+    assert sch.sample_grid(4, "shift:2") == sch.sample_grid(4, "shift", 2.0) != sch.sample_grid(4, "shift")
+    g = sch.sample_grid(4, "shift:2")
+    assert g[0] == 1.0 and g[-1] == 0.0 and all(a > b for a, b in zip(g, g[1:]))
+    assert g[1] > 0.75  # denser near t = 1
+    for bad in ("shift:x", "uniform:2", "cosine"):
+        with pytest.raises(InnardsError):
+            sch.sample_grid(4, bad)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from innards.errors import InnardsError
 from innards.glp import reference as ref
 from innards.glp import schedule as sch
-from innards.glp.model import GLP, NO_SITE, GLPConfig, _scaled, file_sha256, is_glp_dir, sinusoid
+from innards.glp.model import GLP, NO_SITE, GLPConfig, _scaled, file_sha256, sinusoid
 
 FIX = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 REF = FIX / "glp-reference"
@@ -156,7 +156,7 @@ def test_what_a_reference_folder_loads_as(single, multi):
     assert multi.meta["sites"] == [f"blocks.{i}.resid_post" for i in range(4)]
     assert multi.config.site_scale == pytest.approx(1 / 3)
     assert "first shard" in single.meta["reference"]["statistics"]
-    assert is_glp_dir(REF / "single") and is_glp_dir(REF / "multi")
+    assert ref.is_reference_dir(REF / "single") and ref.is_reference_dir(REF / "multi")
     sd = load_file(str(REF / "single" / "final.safetensors"))
     assert sum(v.numel() for v in sd.values()) == single.n_params == 20208
     assert multi.n_params == 22320
@@ -453,3 +453,13 @@ if __name__ == "__main__":  # the parity figures: python tests/test_reference.py
     exp = load_file(str(REF / "expected.safetensors"))
     for key, diff in sorted(parity(exp, GLP.from_pretrained(REF / "single"), GLP.from_pretrained(REF / "multi")).items()):
         print(f"{key:48s} {diff:.3g}")
+
+
+def test_grid_training_sigmas_are_the_references_bit_for_bit():
+    from innards.glp.train import GLPTrainConfig, sample_t
+
+    t = sample_t(4096, GLPTrainConfig(t_dist="grid"), torch.Generator().manual_seed(0), torch.device("cpu"))
+    u = torch.rand(4096, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(t, sch.reference_train_sigma(u))
+    grid = set(sch.reference_grid(1000))
+    assert all(float(s) in grid for s in t.unique())

@@ -332,12 +332,15 @@ class GLP(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, steps: int = 100, solver: str = "euler", seed: int | None = None, site: Any = None,
                schedule: str = "uniform", batch_size: int = 16384, normalized: bool = False,
-               progress: bool = False, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Draw n activations (n, d_in), denormalised unless ``normalized``; Euler, Heun or AB2 from t = 1 to 0.
+               progress: bool = False, noise: torch.Tensor | None = None, shift: float = 3.0) -> torch.Tensor:
+        """Draw n activations (n, d_in), denormalised unless ``normalized``, integrating from t = 1 to 0.
 
+        ``solver``: one of :data:`innards.glp.schedule.SOLVERS`; ``schedule``/``shift``: the time grid
+        (:func:`innards.glp.schedule.sample_grid`; ``schedule="shift:2"`` is the same as ``shift=2``). A
+        distilled student records the settings it was trained for in ``meta["student"]["sample"]``.
         ``noise``: the starting noise (n rows of d_in, any leading shape) instead of drawing it from ``seed``.
         """
-        grid = sch.sample_grid(steps, schedule)
+        grid = sch.sample_grid(steps, schedule, shift)
         gen = self._gen(seed)
         eps = self._given_noise(noise, n)
         out = []
@@ -467,6 +470,7 @@ class GLP(nn.Module):
             "index_convention": self.meta.get("index_convention"),
             "stats": stats_meta,
             "training": training if training is not None else self.meta.get("training", {}),
+            **({"student": self.meta["student"]} if self.meta.get("student") else {}),
             "files": {WEIGHTS: {"sha256": digest, "bytes": (out / WEIGHTS).stat().st_size}},
         }
         write_json(out / CONFIG, cfg)
@@ -549,7 +553,7 @@ class GLP(nn.Module):
             raise InnardsError(f"GLP checkpoint {wpath} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
         model.set_meta({"model": cfg.get("source_model"), "sites": cfg.get("sites") or [], "site_info": cfg.get("site_info"),
                         "index_convention": cfg.get("index_convention"), "training": cfg.get("training") or {},
-                        "stats_by_site": stats_by_site})
+                        "stats_by_site": stats_by_site, **({"student": cfg["student"]} if cfg.get("student") else {})})
         model.eval()
         return model
 
@@ -633,17 +637,6 @@ def _model_identity(model: Any) -> dict[str, Any]:
     if isinstance(src, dict):
         return src
     return {"name": getattr(getattr(model, "config", None), "_name_or_path", None)}
-
-
-def is_glp_dir(path: str | Path) -> bool:
-    """True when ``path`` holds a GLP in innards' or the reference's layout (config only; not verified)."""
-    p = Path(path) / CONFIG
-    if not p.is_file():
-        return ref.is_reference_dir(path)
-    try:
-        return read_json(p).get("format") == FORMAT
-    except InnardsError:
-        return False
 
 
 def file_sha256(path: str | Path, checkpoint: str | None = None, revision: str | None = None) -> str:

@@ -18,8 +18,8 @@ class ProjectionConfig:
     """grid points from t_start to 0 (the exact schedule spends steps - 1 network evaluations)"""
     schedule: Literal["exact", "grid"] = "exact"
     """exact: linspace(t_start, 0, steps) as in the paper; grid: the reference code's snapped grid"""
-    solver: Literal["euler", "heun", "ab2"] = "euler"
-    """ODE solver along the grid"""
+    solver: Literal["euler", "heun", "ab2", "pc2"] = "euler"
+    """ODE solver along the grid (pc2: second order at one evaluation per step, see innards.glp.schedule)"""
 
     FLAG_PREFIX = "project"
 

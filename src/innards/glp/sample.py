@@ -29,8 +29,8 @@ class GLPSampleConfig:
     """number of activations"""
     steps: int = 100
     """solver steps from t = 1 to t = 0 (Heun spends two evaluations per step, the others one)"""
-    solver: Literal["euler", "heun", "ab2"] = "euler"
-    """euler, heun, or ab2 (second-order multistep, one evaluation per step)"""
+    solver: Literal["euler", "heun", "ab2", "pc2"] = "euler"
+    """euler, heun, ab2 (second-order multistep, one evaluation per step) or pc2 (ab2 with a free corrector)"""
     schedule: Literal["uniform", "shift", "reference"] = "uniform"
     """time grid: uniform, shift (denser near t = 1) or the reference code's grid"""
     seed: int = 0

@@ -7,7 +7,15 @@ Conventions (paper time t; the reference code's sigma equals t, its user knob u 
 - Euler costs one network evaluation per step, Heun two (its second evaluation is at the step's end,
   also when that end is t = 0, which the model was trained on); ``ab2`` (two-step Adams-Bashforth
   with variable steps: the previous step's velocity extrapolates the current one) is second order at
-  one evaluation per step, its first step being Euler.
+  one evaluation per step, its first step being Euler; ``pc2`` is ab2 as a predictor with the
+  trapezoidal (Adams-Moulton 2) corrector, UniPC-style: the evaluation at the start of each step,
+  made at the predicted state, also corrects the step before, so it costs no extra evaluation (one
+  per step; the last step is not corrected).
+
+Few-step grids for sampling: the learned flows are most sensitive near t = 1 (an early error is
+carried, and amplified, along the whole path), so ``shift`` grids (denser near t = 1) win at 4-8
+evaluations; for projection from t_start <= 0.5 the flow is nearly straight and the uniform grid is
+as good (``innards bench glp`` measures both, see docs/results/bench_glp_nfe_*.json).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import torch
 from innards.errors import InnardsError
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
-SOLVERS = ("euler", "heun", "ab2")
+SOLVERS = ("euler", "heun", "ab2", "pc2")
 SAMPLE_SCHEDULES = ("uniform", "shift", "reference")
 _SIGMA_MIN = float(np.float32(0.001))  # diffusers' shift-1 sigma_min, as the float32 it stores
 
@@ -30,9 +38,11 @@ def sample_grid(steps: int, schedule: str = "uniform", shift: float = 3.0) -> li
     """Times for unconditional sampling from t = 1 to t = 0 (``steps`` + 1 points).
 
     ``uniform``: linspace(1, 0). ``shift``: the uniform grid warped by t -> s t / (1 + (s - 1) t)
-    (SD3's shift; s > 1 puts more steps near t = 1, where few-step samplers lose the most). ``reference``:
-    the reference code's grid linspace(1000, 1, steps) / 1000 with the terminal 0 appended.
+    (SD3's shift; s > 1 puts more steps near t = 1, where few-step samplers lose the most; ``shift:S``
+    names s inline, e.g. ``shift:2``). ``reference``: the reference code's grid linspace(1000, 1, steps) / 1000
+    with the terminal 0 appended.
     """
+    schedule, shift = parse_schedule(schedule, shift)
     if steps < 1:
         raise InnardsError(f"steps must be at least 1, got {steps}")
     if schedule == "uniform":
@@ -45,6 +55,19 @@ def sample_grid(steps: int, schedule: str = "uniform", shift: float = 3.0) -> li
     if schedule == "reference":
         return reference_grid(steps) + [0.0]
     raise InnardsError(f"unknown sampling schedule '{schedule}' (choose {', '.join(SAMPLE_SCHEDULES)})")
+
+
+def parse_schedule(schedule: str, shift: float = 3.0) -> tuple[str, float]:
+    """``"shift:2"`` -> ("shift", 2.0); any other name comes back with ``shift`` unchanged."""
+    name, sep, arg = schedule.partition(":")
+    if not sep:
+        return schedule, shift
+    if name != "shift":
+        raise InnardsError(f"only the shift schedule takes a value (shift:S), got '{schedule}'")
+    try:
+        return name, float(arg)
+    except ValueError:
+        raise InnardsError(f"shift:S needs a number S, got '{schedule}'") from None
 
 
 def reference_grid(n: int) -> list[float]:
@@ -102,13 +125,14 @@ def n_evaluations(grid: list[float], solver: str = "euler") -> int:
 
 def integrate(velocity: Velocity, z: torch.Tensor, grid: list[float], solver: str = "euler",
               progress: str | None = None) -> torch.Tensor:
-    """Solve dz/dt = v(z, t) along ``grid`` (decreasing times) with Euler, Heun or Adams-Bashforth 2.
+    """Solve dz/dt = v(z, t) along ``grid`` (decreasing times) with Euler, Heun, Adams-Bashforth 2 or pc2.
 
     ``progress``: a description to show a progress bar over the steps (long 1000-step samplers).
     """
     if solver not in SOLVERS:
         raise InnardsError(f"unknown solver '{solver}' (choose {', '.join(SOLVERS)})")
-    prev: tuple[torch.Tensor, float] | None = None
+    prev: tuple[torch.Tensor, float] | None = None  # the previous step's velocity and size
+    start = z  # the state the previous step started from (pc2 corrects that step)
     steps = zip(grid[:-1], grid[1:])
     if progress:
         from tqdm.auto import tqdm
@@ -117,18 +141,21 @@ def integrate(velocity: Velocity, z: torch.Tensor, grid: list[float], solver: st
     for t0, t1 in steps:
         dt = t1 - t0
         v0 = velocity(z, t0)
-        if solver == "euler" or (solver == "ab2" and prev is None):
+        if solver == "heun":
+            v1 = velocity(z + dt * v0, t1)
+            z = z + (0.5 * dt) * (v0 + v1)
+            continue
+        if solver == "pc2" and prev is not None:
+            # trapezoidal corrector of the previous step with v0, which was evaluated at its predicted end
+            z = start + (0.5 * prev[1]) * (prev[0] + v0)
+        start = z
+        if solver == "euler" or prev is None:
             z = z + dt * v0
-            prev = (v0, dt)
-        elif solver == "ab2":
+        else:
             # the linear extrapolation of v through the last two evaluations, integrated over the step
             r = dt / (2.0 * prev[1])
             z = z + dt * ((1.0 + r) * v0 - r * prev[0])
-            prev = (v0, dt)
-        else:
-            z_end = z + dt * v0
-            v1 = velocity(z_end, t1)
-            z = z + (0.5 * dt) * (v0 + v1)
+        prev = (v0, dt)
     return z
 
 

@@ -38,6 +38,7 @@ from innards.data.harvest import HarvestConfig
 from innards.data.sources import Source, StoreSource
 from innards.data.stream import StreamExhausted, StreamSource
 from innards.errors import InnardsError
+from innards.glp import schedule as sch
 from innards.glp.gaussian import GaussianFlow
 from innards.glp.model import GLP, GLPConfig
 from innards.io import remove_orphans
@@ -173,9 +174,8 @@ def sample_t(n: int, cfg: GLPTrainConfig, gen: torch.Generator, device: torch.de
     """Timesteps for one global batch (t = 0 clean, 1 noise)."""
     if cfg.t_dist == "uniform":
         return torch.rand(n, generator=gen, device=device)
-    if cfg.t_dist == "grid":
-        i = torch.randint(0, 1000, (n,), generator=gen, device=device)
-        return (1000 - i).float() / 1000.0
+    if cfg.t_dist == "grid":  # the reference's sigma for u ~ U[0, 1), bit for bit
+        return sch.reference_train_sigma(torch.rand(n, generator=gen, device=device))
     return torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=gen, device=device))
 
 
