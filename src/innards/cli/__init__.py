@@ -29,6 +29,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("glp", "scale"): ("glp_scale", "train a depth sweep and fit a compute scaling law"),
     ("glp", "neurons"): ("glp_neurons", "top-activating contexts of meta-neurons"),
     ("glp", "score"): ("glp_score", "per-token typicality (denoising loss, ODE likelihood) of a text"),
+    ("glp", "distill"): ("glp_distill", "distil a meta-model into a few-step student meta-model"),
     ("sae", "train"): ("sae_train", "train a TopK sparse autoencoder baseline on a store"),
     ("steer", "vector"): ("steer_vector", "build a difference-of-means steering vector"),
     ("steer", "generate"): ("steer_generate", "generate with a steering vector (optionally GLP-projected)"),

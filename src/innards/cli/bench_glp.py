@@ -1,4 +1,4 @@
-"""``innards bench glp``: training throughput, MFU, memory and FD against solver evaluations, as JSON."""
+"""``innards bench glp``: training throughput, MFU, memory, and FD / C2ST / projection quality against evaluations, as JSON."""
 
 from __future__ import annotations
 
@@ -17,4 +17,6 @@ def main(argv: list[str] | None = None) -> int:
 
     return command(BenchGLPConfig, run, argv, prog="innards bench glp",
                    description="Benchmark GLP training (activations/s, FLOP/s, MFU against a measured matmul peak, "
-                               "peak RSS) and sample quality (FD) against network evaluations for Euler and Heun.")
+                               "peak RSS) and quality against network evaluations for every solver and time grid (and a "
+                               "distilled --student): FD and C2ST of samples, and the SDEdit projection's kept fraction of "
+                               "a steering offset, error and delta LM loss against the 1000-step reference.")

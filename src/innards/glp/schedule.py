@@ -124,10 +124,12 @@ def n_evaluations(grid: list[float], solver: str = "euler") -> int:
 
 
 def integrate(velocity: Velocity, z: torch.Tensor, grid: list[float], solver: str = "euler",
-              progress: str | None = None) -> torch.Tensor:
+              progress: str | None = None, trace: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Solve dz/dt = v(z, t) along ``grid`` (decreasing times) with Euler, Heun, Adams-Bashforth 2 or pc2.
 
     ``progress``: a description to show a progress bar over the steps (long 1000-step samplers).
+    ``trace``: called with (i, state at grid[i]) for every grid point (pc2: the corrected state; the
+    last one is the result).
     """
     if solver not in SOLVERS:
         raise InnardsError(f"unknown solver '{solver}' (choose {', '.join(SOLVERS)})")
@@ -138,16 +140,18 @@ def integrate(velocity: Velocity, z: torch.Tensor, grid: list[float], solver: st
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, total=len(grid) - 1, desc=progress, unit="step", leave=False)
-    for t0, t1 in steps:
+    for i, (t0, t1) in enumerate(steps):
         dt = t1 - t0
         v0 = velocity(z, t0)
+        if solver == "pc2" and prev is not None:
+            # trapezoidal corrector of the previous step with v0, which was evaluated at its predicted end
+            z = start + (0.5 * prev[1]) * (prev[0] + v0)
+        if trace is not None:
+            trace(i, z)
         if solver == "heun":
             v1 = velocity(z + dt * v0, t1)
             z = z + (0.5 * dt) * (v0 + v1)
             continue
-        if solver == "pc2" and prev is not None:
-            # trapezoidal corrector of the previous step with v0, which was evaluated at its predicted end
-            z = start + (0.5 * prev[1]) * (prev[0] + v0)
         start = z
         if solver == "euler" or prev is None:
             z = z + dt * v0
@@ -156,6 +160,8 @@ def integrate(velocity: Velocity, z: torch.Tensor, grid: list[float], solver: st
             r = dt / (2.0 * prev[1])
             z = z + dt * ((1.0 + r) * v0 - r * prev[0])
         prev = (v0, dt)
+    if trace is not None:
+        trace(len(grid) - 1, z)
     return z
 
 
