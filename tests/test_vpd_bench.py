@@ -45,10 +45,10 @@ def test_bench_vpd_with_the_reference_when_it_imports_here(tmp_path):
 
 
 def test_peak_rss_of_directly_launched_ranks(tmp_path):
-    from innards.bench.vpd import _run_ranks
+    from innards.vpd.shard import launch_ranks
 
     args = ["vpd", "train", "--config", "tms-5-2-spd", "--out", str(tmp_path / "r"), "--no-progress", "target.steps=100",
             "target.retries=0", "steps=2", "warmup_steps=1", "batch_size=64", "eval_batches=1", "eval_batch_size=64",
             "adversary.eval_steps=1"]
-    peaks = _run_ranks(1, args, dict(os.environ))
-    assert len(peaks) == 1 and peaks[0] > 50
+    peaks = launch_ranks(1, args)
+    assert len(peaks) == 1 and peaks[0]["rss_mb"] > 50 and peaks[0]["cuda_mb"] == 0

@@ -9,7 +9,6 @@ the ratio of two rates measured in the same run, interleaved chunk by chunk on t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -368,62 +367,10 @@ def bench_case(name: str, steps: int, cfg: BenchVPDConfig, ref_ok: bool) -> dict
 
 
 # ------------------------------------------------------------------------------------------- memory
-_PEAK = ("import resource, sys; from innards.cli import main; rc = main(sys.argv[1:]); "
-         "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True); sys.exit(rc)")
-
-
-def _wide_llama(folder: Path) -> Path:
-    """A random Llama wider than the demo LM (d 768, 4 layers, MLP 3072) with the demo tokenizer."""
-    import shutil
-
-    import transformers as T
-
-    from innards.models.load import load_model
-
-    demo = load_model("demo")
-    src = Path(demo.innards_source["path"]) if isinstance(demo.innards_source, dict) and demo.innards_source.get("path") \
-        else None
-    cfg = T.LlamaConfig(vocab_size=demo.config.vocab_size, hidden_size=768, intermediate_size=3072, num_hidden_layers=4,
-                        num_attention_heads=6, num_key_value_heads=6, head_dim=128, max_position_embeddings=256,
-                        bos_token_id=demo.config.bos_token_id, eos_token_id=demo.config.eos_token_id,
-                        pad_token_id=demo.config.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = T.LlamaForCausalLM(cfg).eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    demo.tokenizer.save_pretrained(folder)
-    if src is not None and (src / "generation_config.json").is_file():
-        shutil.copy(src / "generation_config.json", folder)
-    return folder
-
-
-def _run_ranks(world: int, args: list[str], env: dict[str, str], timeout: int = 1800) -> list[float]:
-    """Launch ``innards`` ranks directly (the torchrun environment, no agent) and read each one's peak RSS (MB)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for r in range(world):
-        e = {**env, "OMP_NUM_THREADS": "1", "INNARDS_BACKEND": "gloo"}
-        if world > 1:
-            e.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-c", _PEAK, *args], env=e, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    peaks = []
-    for p in procs:
-        out, err = p.communicate(timeout=timeout)
-        if p.returncode != 0:
-            raise InnardsError(f"memory run failed (exit {p.returncode}): {err.strip().splitlines()[-1][:300] if err.strip() else ''}")
-        kb = [int(line.split()[1]) for line in out.splitlines() if line.startswith("PEAK_RSS_KB")]
-        peaks.append(round(kb[-1] / 1024, 1))
-    return peaks
-
-
 def bench_memory(cfg: BenchVPDConfig) -> dict[str, Any]:
     """Peak RSS per process of a few demo-lm-config training steps: 1 process vs 2 (replicated, FSDP2, FSDP2+AC)."""
+    from innards.vpd.shard import launch_ranks, random_llama
+
     res: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(tmp) / "text.txt"
@@ -434,7 +381,7 @@ def bench_memory(cfg: BenchVPDConfig) -> dict[str, Any]:
         rnd = random.Random(0)
         text.write_text("\n\n".join(" ".join(rnd.choice(words) for _ in range(200)) for _ in range(200)))
         for model in cfg.memory_models:
-            name = "demo" if model == "demo" else str(_wide_llama(Path(tmp) / "wide-llama"))
+            name = "demo" if model == "demo" else str(random_llama(Path(tmp) / "wide-llama"))
             base = ["vpd", "train", "--config", "demo-lm", "--no-progress", f"target.name={name}", f"text={text}",
                     f"steps={cfg.memory_steps}", "warmup_steps=2", "batch_size=8", "seq_len=64", "eval_batches=1",
                     "eval_batch_size=2", "adversary.eval_steps=1", "checkpoint_every=0", f"log_every={cfg.memory_steps}"]
@@ -447,8 +394,9 @@ def bench_memory(cfg: BenchVPDConfig) -> dict[str, Any]:
             for label, world, extra in variants:
                 out = Path(tmp) / f"run-{model}-{len(rows)}"
                 t0 = time.perf_counter()
-                peaks = _run_ranks(world, base + ["--out", str(out)] + extra, dict(os.environ))
-                rows[label] = {"peak_rss_mb_per_process": peaks, "seconds": round(time.perf_counter() - t0, 1)}
+                peaks = launch_ranks(world, base + ["--out", str(out)] + extra)
+                rows[label] = {"peak_rss_mb_per_process": [p["rss_mb"] for p in peaks],
+                               "seconds": round(time.perf_counter() - t0, 1)}
             from innards.models.load import load_model
 
             m = load_model(name)

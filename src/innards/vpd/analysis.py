@@ -159,6 +159,7 @@ def contexts(cfg: ContextsConfig) -> dict[str, Any]:
     write_json(out / "contexts.json", result)
     atomic_write_bytes(out / "contexts.html", _contexts_html(result).encode())
     atomic_write_bytes(out / "contexts.md", _contexts_md(result).encode())
+    atomic_write_bytes(out / "summary.md", contexts_summary_md(result, cfg).encode())
     print(f"{len(result['components'])} components fire above {cfg.threshold} on {n_pos} tokens; wrote {out}/contexts.html")
     return result
 
@@ -176,6 +177,35 @@ def _contexts_html(res: dict[str, Any]) -> str:
             parts.append(f"<tr><td>{ex['ci']:.3f}</td><td>{e(ex['left'])}<mark>{e(ex['token'])}</mark>{e(ex['right'])}</td></tr>")
         parts.append("</table>")
     return "\n".join(parts)
+
+
+def contexts_summary_md(res: dict[str, Any], cfg: ContextsConfig, lo: float = 0.001, hi: float = 0.02,
+                        rows: int = 15, shown: int = 5) -> str:
+    """The sparse components (firing on lo–hi of tokens), ranked by how many of their top contexts share one token."""
+    from collections import Counter
+
+    scored = []
+    for key, comp in res["components"].items():
+        if not lo <= comp["firing_frac"] <= hi or not comp["examples"]:
+            continue
+        tok, n = Counter(ex["token"] for ex in comp["examples"]).most_common(1)[0]
+        scored.append((n / len(comp["examples"]), comp["firing_frac"], key, tok))
+    scored.sort(key=lambda t: (-t[0], -t[1]))
+    lines = ["# Demo LM decomposition: sparse components and their top contexts", "",
+             f"From `innards vpd contexts --run {res['run']} --text {res['text']} --max-tokens {cfg.max_tokens}` "
+             f"({res['tokens']} tokens; the full page is `contexts.md`). Components that fire (CI > {res['threshold']}) "
+             f"on {100 * lo:g}–{100 * hi:g}% of tokens, ranked by how many of their top contexts share one highlighted token.",
+             "", "| component | fires on | top-context tokens (most common) | share |", "|---|---|---|---|"]
+    for share, frac, key, tok in scored[:rows]:
+        lines.append(f"| `{key}` | {100 * frac:.2f}% | `{tok!r}` | {share:.2f} |")
+    n80 = sum(1 for sc in scored if sc[0] >= 0.8)
+    lines += ["", f"{len(scored)} sparse components; {n80} have >= 80% of their top contexts on one token", ""]
+    for share, frac, key, tok in scored[:shown]:
+        lines.append(f"{key}:")
+        for ex in res["components"][key]["examples"][:3]:
+            lines.append(f"  {ex['ci']:.2f}: ...{ex['left']}[[{ex['token']}]]{ex['right']}...")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _contexts_md(res: dict[str, Any]) -> str:

@@ -38,6 +38,8 @@ def rand(shape: tuple[int, ...], generator: Draws = None, device: torch.device |
     """U(0, 1) of ``shape`` from a generator or from this process's rows of a global draw."""
     if isinstance(generator, SlicedDraws):
         return generator.rand(tuple(shape), device)
+    if generator is not None and generator.device != torch.device(device):
+        return torch.rand(tuple(shape), generator=generator).to(device)  # a CPU generator for GPU tensors
     return torch.rand(tuple(shape), generator=generator, device=device)
 
 
@@ -46,6 +48,8 @@ def uniform_k_routing(prefix: tuple[int, ...], L: int, generator: Draws = None,
     """Bool (*prefix, L): per position k ~ U{1..L}, then a uniformly random k-subset of the L matrices."""
     if isinstance(generator, SlicedDraws):
         k = generator.randint(1, L + 1, tuple(prefix), device)
+    elif generator is not None and generator.device != torch.device(device):
+        k = torch.randint(1, L + 1, prefix, generator=generator).to(device)
     else:
         k = torch.randint(1, L + 1, prefix, generator=generator, device=device)
     ranks = rand((*prefix, L), generator, device).argsort(-1).argsort(-1)
@@ -100,7 +104,7 @@ def constant_masks(g: dict[str, torch.Tensor], kind: str, threshold: float = 0.0
         elif kind == "rounded":
             m = (gn > threshold).to(gn.dtype)
         elif kind == "random":
-            m = torch.rand(gn.shape, generator=generator, device=gn.device)
+            m = rand(gn.shape, generator, gn.device)
         elif kind == "zero":
             m = torch.zeros_like(gn)
         else:

@@ -7,7 +7,11 @@ forward (:meth:`Decomposition.delta_l2` with a probe input), so FSDP2's hooks ha
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -171,3 +175,63 @@ def gathered(tr: Trainer) -> Built | None:
     nb = build(tr.cfg, target, info)
     load_decomposition_tensors(nb, full, "the gathered shards")
     return nb
+
+
+# one rank of `innards ...` that prints its peak host memory (and its peak CUDA memory) when it ends
+_RANK = ("import resource, sys, torch; from innards.cli import main; rc = main(sys.argv[1:]); "
+         "cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0; "
+         "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, cuda, flush=True); sys.exit(rc)")
+
+
+def launch_ranks(world: int, args: list[str], env: dict[str, str] | None = None, timeout: int = 3600,
+                 backend: str = "gloo") -> list[dict[str, float]]:
+    """Run ``innards ARGS`` as ``world`` ranks (the torchrun environment, no agent); each rank's peak memory in MB.
+
+    Returns per rank {"rss_mb": peak resident set size, "cuda_mb": peak CUDA memory allocated (0 on CPU)}.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for r in range(world):
+        e = {**(env if env is not None else os.environ), "OMP_NUM_THREADS": "1"}
+        if backend == "gloo":
+            e["INNARDS_BACKEND"] = "gloo"
+        if world > 1:
+            e.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-c", _RANK, *args], env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    out = []
+    failed = None
+    for p in procs:
+        so, se = p.communicate(timeout=timeout)
+        if p.returncode != 0 and failed is None:
+            lines = se.strip().splitlines()
+            failed = f"rank run failed (exit {p.returncode}): {lines[-1][:300] if lines else ''}"
+        peak = [line.split() for line in so.splitlines() if line.startswith("PEAK")]
+        if peak:
+            out.append({"rss_mb": round(int(peak[-1][1]) / 1024, 1), "cuda_mb": round(int(peak[-1][2]) / 2**20, 1)})
+    if failed:
+        raise InnardsError(failed)
+    return out
+
+
+def random_llama(folder: Path, hidden: int = 768, layers: int = 4, mlp: int = 3072, heads: int = 6) -> Path:
+    """A randomly initialised Llama wider than the demo LM, with the demo LM's tokenizer (memory benchmarks)."""
+    import transformers as T
+
+    from innards.models.load import load_model
+
+    demo = load_model("demo")
+    cfg = T.LlamaConfig(vocab_size=demo.config.vocab_size, hidden_size=hidden, intermediate_size=mlp,
+                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                        head_dim=hidden // heads, max_position_embeddings=256, bos_token_id=demo.config.bos_token_id,
+                        eos_token_id=demo.config.eos_token_id, pad_token_id=demo.config.pad_token_id,
+                        tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(cfg).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    demo.tokenizer.save_pretrained(folder)
+    return folder
