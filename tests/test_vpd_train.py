@@ -188,3 +188,17 @@ def test_every_issue_config_ships_and_loads():
             assert (cfg.target.n_features, cfg.target.n_hidden) == ((40, 10) if "40-10" in name else (5, 2)), name
         if name.startswith("resid-mlp"):
             assert cfg.target.n_layers == int(name.split("-")[2]), name
+
+
+def test_curve_reads_the_evaluations_of_a_run(tmp_path, capsys):
+    from innards.cli import main
+
+    run = train(_cfg("tms-5-2-spd", tmp_path / "r", steps=12, eval_every=4))
+    out = tmp_path / "c" / "curve.md"
+    assert main(["vpd", "curve", "--run", str(run), "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert [r["step"] for r in res["rows"]] == [4, 8, 12]
+    assert res["C_total"] == 40 and all(0 <= r["l0_frac_of_C"] <= 1 for r in res["rows"])
+    assert {"mse_ci", "train_l0", "stochastic"} <= set(res["rows"][-1])
+    assert out.with_suffix(".png").is_file() and "| step |" in capsys.readouterr().out
+    assert main(["vpd", "curve", "--run", str(tmp_path / "nothing")]) == 2

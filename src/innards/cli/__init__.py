@@ -41,6 +41,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("vpd", "contexts"): ("vpd_contexts", "top-activating contexts per component"),
     ("vpd", "ablate"): ("vpd_ablate", "effect of removing a component on the next token"),
     ("vpd", "graph"): ("vpd_graph", "attribution graph among components active on a prompt"),
+    ("vpd", "curve"): ("vpd_curve", "L0, CE and KL over a decomposition's training"),
     ("view",): ("view", "browse every run under some folders in a local web app"),
     ("report",): ("report", "write the viewer's pages of some folders as a static site"),
     ("export", "neuronpedia"): ("export_neuronpedia", "meta-neurons / VPD subcomponents as Neuronpedia dashboards"),

@@ -250,3 +250,111 @@ def _finite(o: Any) -> Any:
     if isinstance(o, list):
         return [_finite(v) for v in o]
     return o
+
+
+@dataclass
+class CurveConfig:
+    """innards vpd curve: L0, CE and KL over training, from a run's metrics.jsonl."""
+
+    run: str = ""
+    """run folder of innards vpd train"""
+    out: str | None = None
+    """Markdown path (default RUN/curve.md; .json and .png beside it)"""
+    tail_frac: float = 0.2
+    """the last fraction of the steps over which the changes are reported"""
+
+
+_EVAL_COLS = ["l0_total", "ce_target", "ce_unmasked", "ce_stochastic", "ce_ci", "ce_rounded", "kl_stochastic",
+              "kl_ci", "kl_adversarial", "mse_stochastic", "mse_ci", "mse_adversarial", "alive_total"]
+_TRAIN_COLS = ["stochastic", "adversarial", "layerwise", "importance", "p", "lr"]
+
+
+def curve(cfg: CurveConfig) -> dict[str, Any]:
+    """Rows at every evaluation step (eval metrics + training losses averaged since the previous one); JSON, MD, PNG."""
+    from innards.io import atomic_write_bytes, read_json
+    from innards.runlog import read_metrics
+
+    if not cfg.run:
+        raise InnardsError("--run DIR is required")
+    d = Path(cfg.run)
+    recs = read_metrics(d)
+    if not recs:
+        raise InnardsError(f"no metrics.jsonl in {d}")
+    meta_p = d / "run.json" if (d / "run.json").is_file() else d / "ckpt" / "state.json"
+    comps = read_json(meta_p, "run metadata").get("components", []) if meta_p.is_file() else []
+    C_total = sum(c["C"] for c in comps) or None
+    rows: list[dict[str, Any]] = []
+    acc: dict[str, list[float]] = {}
+    for r in recs:
+        if "total" in r:  # a training log line
+            l0 = sum(v for k, v in r.items() if k.startswith("l0/"))
+            for k, v in [("train_l0", l0)] + [(k, r[k]) for k in _TRAIN_COLS if k in r]:
+                acc.setdefault(k, []).append(float(v))
+        if "eval/l0_total" in r:
+            row: dict[str, Any] = {"step": r["step"]}
+            row.update({k: r[f"eval/{k}"] for k in _EVAL_COLS if f"eval/{k}" in r})
+            row.update({k: sum(v) / len(v) for k, v in acc.items() if v})
+            if C_total:
+                row["l0_frac_of_C"] = row["l0_total"] / C_total
+            if row.get("alive_total"):
+                row["l0_frac_of_alive"] = row["l0_total"] / row["alive_total"]
+            rows.append(row)
+            acc = {}
+    if not rows:
+        raise InnardsError(f"{d} has no evaluation records (train with eval_every > 0)")
+    last = rows[-1]["step"]
+    ref = [r for r in rows if r["step"] <= last * (1 - cfg.tail_frac)]
+    base = ref[-1] if ref else rows[0]
+    change = {k: (rows[-1][k] - base[k]) / abs(base[k]) if base.get(k) else None
+              for k in ("l0_total", "ce_ci", "ce_stochastic", "kl_adversarial", "mse_ci") if k in rows[-1] and k in base}
+    res = {"run": str(d), "C_total": C_total, "rows": rows, "tail": {"from_step": base["step"], "to_step": last,
+                                                                     "relative_change": change}}
+    out = Path(cfg.out) if cfg.out else d / "curve.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out.with_suffix(".json"), _finite(res))
+    cols = ["step"] + [k for k in ["l0_total", "l0_frac_of_C", "l0_frac_of_alive", "alive_total", "ce_target",
+                                   "ce_unmasked", "ce_stochastic", "ce_ci", "ce_rounded", "kl_ci", "kl_adversarial",
+                                   "mse_stochastic", "mse_ci", "mse_adversarial", "train_l0", "stochastic",
+                                   "adversarial", "p", "lr"] if any(k in r for r in rows)]
+    lines = [f"# Training curve of `{d}`", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |")
+    lines += ["", f"Relative change from step {base['step']} to step {last}: " +
+              ", ".join(f"{k} {100 * v:+.1f}%" for k, v in change.items() if v is not None), ""]
+    atomic_write_bytes(out, "\n".join(lines).encode())
+    _curve_png(rows, out.with_suffix(".png"))
+    print("\n".join(lines))
+    return res
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.4g}"
+
+
+def _curve_png(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["l0_total"] for r in rows], "o-", color="C0", label="L0 per token (eval)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("L0 per token", color="C0")
+    key = "ce_ci" if "ce_ci" in rows[-1] else "mse_ci"
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r.get(key) for r in rows], "s-", color="C1", label=key)
+    if "ce_target" in rows[-1]:
+        ax2.axhline(rows[-1]["ce_target"], color="C1", ls=":", lw=0.8)
+    ax2.set_ylabel(key.replace("_", " ") + " (dotted: target)", color="C1")
+    ax.set_title("L0 and reconstruction under CI masks during training")
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
