@@ -676,7 +676,7 @@ def showcase_figure(results: dict) -> plt.Figure:
     ax.legend(fontsize=7)
     for ax in flat[len(concepts) + 3:]:
         ax.axis("off")
-    fig.suptitle(f"Steering {results['model']} at {results['site']}: concept vs fluency along strength r = 0..{results['strengths'][-1]:g} "
+    fig.suptitle(f"Steering the LM '{results['model']}' at {results['site']}: concept vs fluency along strength r = 0..{results['strengths'][-1]:g} "
                  f"({results['n_prompts']} prompts, greedy; main GLP), prompting baseline as stars", fontsize=11)
     fig.tight_layout()
     return fig
