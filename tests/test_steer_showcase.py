@@ -93,7 +93,9 @@ def test_showcase_end_to_end_tiny(env):
             "--max-new-tokens", "4", "--levels", "0.5,1", "--n-boot", "200", "--survival-t", "0.3,0.5",
             "--survival-rows", "32", "--delta-lm-docs", "4", "--out", str(out)]
     assert cli(args) == 0
-    res = json.loads((out / "results.json").read_text())
+    text = (out / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON
+    res = json.loads(text)
     c = res["concepts"]["sea"]
     assert c["evaluator"]["accuracy"] >= 0.85 and c["evaluator"]["sentences_shared_with_vector"] == 0
     assert set(c["curves"]) == {"raw", "sdedit-exact:0.3", "prior-w0.5", "sdedit-exact:0.3@glp1", "prior-w0.5@glp1"}

@@ -299,7 +299,7 @@ def _showcase(cfg: ShowcaseConfig, run: Run) -> dict:
         c.pop("_boot_nll_minus_raw", None)
     results["projection"] = [projection_costs(cfg, model, site, g, norm, vectors) for g in glps]
     results["seconds"] = round(time.perf_counter() - t_start, 1)
-    run.write_json("results.json", results)
+    run.write_json("results.json", json_safe(results))
     run.save_png("pareto.png", showcase_figure(results))
     atomic_write_bytes(run.root / "summary.md", showcase_markdown(results).encode())
     s = results["summary"]
@@ -374,6 +374,17 @@ def score(model: PreTrainedModel, ev: ConceptEvaluator, recs: list[dict], orig_i
     return [{"prompt_index": x["prompt_index"], "continuation": x["continuation"], "concept": float(c),
              "nll": None if math.isnan(n) else float(n), "distinct2": _nan_none(distinct_n(x["continuation"], 2))}
             for x, c, n in zip(recs, conc, nll)]
+
+
+def json_safe(o: object) -> object:
+    """A copy with NaN and infinities as None (strict JSON: browsers and the viewer reject NaN)."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_safe(v) for v in o]
+    return o
 
 
 def _nan_none(x: float) -> float | None:
