@@ -269,7 +269,7 @@ def test_three_ascents_per_step_and_source_shape(tmp_path):
 
 
 def test_third_ascent_uses_unscaled_main_graph_gradient(tmp_path, monkeypatch):
-    from innards.vpd.train import ci_values
+    from innards.vpd.run import ci_values
 
     tr = _toy_trainer(tmp_path, **{"adversary.n_steps": 1, "adv_coeff": 3.0})
     tr.step = 100  # past the adversary's lr warm-up

@@ -30,7 +30,7 @@ from innards.tensors import load_tensors, save_tensors
 from innards.models.sites import Site
 from innards.probe.extract import context_length, model_tag, prompts_digest, token_policy, tokenize
 from innards.vpd.run import DECOMP_FILE, load_run, target_fingerprint
-from innards.vpd.train import ci_values
+from innards.vpd.run import ci_values
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -15,11 +15,11 @@ from tqdm import tqdm
 from innards.errors import InnardsError
 from innards.io import atomic_write_bytes, write_json
 from innards.vpd.components import Mask
+from innards.vpd.data import tokenize_source
+from innards.vpd.run import ci_values, load_run
 
 
 def _load_lm_run(run: str, model: str | None, device: str | None) -> Any:
-    from innards.vpd.run import load_run
-
     b = load_run(run, model, device)
     if b.cfg.target.kind != "lm":
         raise InnardsError(f"run {run} decomposes a toy ({b.cfg.target.kind}); this command needs a language model run")
@@ -27,8 +27,6 @@ def _load_lm_run(run: str, model: str | None, device: str | None) -> Any:
 
 
 def _ci(b: Any, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    from innards.vpd.train import ci_values
-
     with torch.no_grad():
         clean, inputs = b.decomp.clean(ids)
         g, _ = ci_values(b, inputs)
@@ -99,8 +97,6 @@ class ContextsConfig:
 
 def contexts(cfg: ContextsConfig) -> dict[str, Any]:
     """Stream the text through the model; keep the top-CI token positions of every component."""
-    from innards.vpd.data import tokenize_source
-
     if not cfg.run or not cfg.text:
         raise InnardsError("--run DIR and --text SRC are required")
     b = _load_lm_run(cfg.run, cfg.model, cfg.device)

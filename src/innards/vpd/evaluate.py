@@ -13,10 +13,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from innards.errors import InnardsError
-from innards.io import write_json
+from innards.io import atomic_write_bytes, read_json, write_json
+from innards.runlog import read_metrics
 from innards.vpd.adversary import fresh_pgd
+from innards.vpd.data import TokenPool, ToyData
+from innards.vpd.ground_truth import ground_truth
 from innards.vpd.losses import divergence
 from innards.vpd.masks import constant_masks, stochastic_masks
+from innards.vpd.run import ci_values, load_run
 
 STRATEGIES = ["unmasked", "stochastic", "ci", "rounded", "random", "zero"]
 
@@ -57,8 +61,6 @@ def _ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def evaluate_built(b: Any, data: Any, n_batches: int, batch_size: int, pgd_steps: int, pgd_step_size: float,
                    threshold: float, seed: int = 1234, progress: bool = False) -> dict[str, Any]:
     """All metrics for a built decomposition on ``n_batches`` evaluation batches."""
-    from innards.vpd.train import ci_values
-
     cfg = b.cfg
     lm = cfg.target.kind == "lm"
     kind = cfg.loss_kind
@@ -128,8 +130,6 @@ def evaluate_built(b: Any, data: Any, n_batches: int, batch_size: int, pgd_steps
     res["n_batches"], res["batch_size"] = n_batches, batch_size
     res["_mean_ci"] = mean_ci
     if not lm:
-        from innards.vpd.ground_truth import ground_truth
-
         res["ground_truth"] = ground_truth(b)
     return res
 
@@ -214,9 +214,6 @@ def format_table(res: dict[str, Any], lm: bool) -> str:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate a run folder; writes JSON (and the CI spectrum PNG) and prints the table."""
-    from innards.vpd.data import ToyData, TokenPool
-    from innards.vpd.run import load_run
-
     if not cfg.run:
         raise InnardsError("--run DIR is required")
     b = load_run(cfg.run, cfg.model, cfg.device)
@@ -271,9 +268,6 @@ _TRAIN_COLS = ["stochastic", "adversarial", "layerwise", "importance", "p", "lr"
 
 def curve(cfg: CurveConfig) -> dict[str, Any]:
     """Rows at every evaluation step (eval metrics + training losses averaged since the previous one); JSON, MD, PNG."""
-    from innards.io import atomic_write_bytes, read_json
-    from innards.runlog import read_metrics
-
     if not cfg.run:
         raise InnardsError("--run DIR is required")
     d = Path(cfg.run)

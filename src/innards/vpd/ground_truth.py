@@ -9,6 +9,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from innards.vpd.config import TargetConfig
+from innards.vpd.run import ci_values
 
 
 def feature_match(W: torch.Tensor, V: torch.Tensor, U: torch.Tensor, axis: str = "in",
@@ -99,8 +100,6 @@ def expected_patterns(tcfg: TargetConfig, names: list[str]) -> dict[str, tuple[s
 @torch.no_grad()
 def ground_truth(b: Any, probe_value: float = 0.75, tol: float = 0.1) -> dict[str, Any]:
     """The `ground_truth` object of a toy evaluation."""
-    from innards.vpd.train import ci_values
-
     tcfg: TargetConfig = b.cfg.target
     n = tcfg.n_features
     probes = torch.eye(n, device=b.cfg.device) * probe_value

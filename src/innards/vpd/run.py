@@ -17,6 +17,7 @@ from innards.tensors import load_tensors, save_tensors
 from innards.vpd.ci import build_ci
 from innards.vpd.components import Decomposition
 from innards.vpd.config import TargetConfig, VPDConfig, config_from_dict
+from innards.vpd.sigmoids import lower_leaky, upper_leaky
 from innards.vpd.toys import build_toy
 
 DECOMP_FILE = "decomposition.safetensors"
@@ -34,6 +35,14 @@ class Built:
     decomp: Decomposition
     ci: nn.Module
     target_info: dict[str, Any]
+
+
+def ci_values(b: Built, inputs: dict[str, torch.Tensor], h: dict[str, torch.Tensor] | None = None
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(g_lower, g_upper) from the CI function on the clean inputs (``h``: their x V, when already known)."""
+    z = b.ci(inputs, b.decomp, detach=b.cfg.ci.detach_inputs, h=h)
+    z = {n: v.float() for n, v in z.items()}  # masks and minimality in fp32 also under autocast
+    return {n: lower_leaky(v) for n, v in z.items()}, {n: upper_leaky(v) for n, v in z.items()}
 
 
 def target_fingerprint(model: nn.Module) -> str:

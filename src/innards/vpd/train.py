@@ -16,17 +16,18 @@ from tqdm import tqdm
 from innards.config import load_yaml, save_config, to_dict
 from innards.errors import InnardsError
 from innards.io import read_json, write_json
-from innards.tensors import load_tensors, save_tensors
 from innards.runlog import MetricsLog
 from innards.runtime import Dist, init_dist, seed_everything
+from innards.tensors import load_tensors, save_tensors
 from innards.vpd.adversary import PersistentPGD, adv_loss, fresh_pgd_term
 from innards.vpd.config import VPDConfig, config_from_dict, result_settings
 from innards.vpd.data import TokenPool, ToyData
+from innards.vpd.evaluate import quick_metrics
 from innards.vpd.losses import divergence, minimality, p_at
 from innards.vpd.masks import SlicedDraws, stochastic_masks, uniform_k_routing
-from innards.vpd.run import Built, build, decomposition_tensors, load_decomposition_tensors, load_target, run_meta, \
-    save_final, save_target, target_fingerprint
-from innards.vpd.sigmoids import lower_leaky, upper_leaky
+from innards.vpd.run import Built, build, ci_values, decomposition_tensors, load_decomposition_tensors, load_target, \
+    run_meta, save_final, save_target, target_fingerprint
+from innards.vpd.shard import gathered, load_shards, save_shards, shard
 from innards.vpd.toys import train_target
 
 CKPT = "ckpt"
@@ -39,14 +40,6 @@ def lr_at(cfg: VPDConfig, step: int) -> float:
     frac = min(step / (cfg.steps - 1), 1.0)
     lo = cfg.lr * cfg.lr_final_frac
     return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * frac))
-
-
-def ci_values(b: Built, inputs: dict[str, torch.Tensor], h: dict[str, torch.Tensor] | None = None
-              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(g_lower, g_upper) from the CI function on the clean inputs (``h``: their x V, when already known)."""
-    z = b.ci(inputs, b.decomp, detach=b.cfg.ci.detach_inputs, h=h)
-    z = {n: v.float() for n, v in z.items()}  # masks and minimality in fp32 also under autocast
-    return {n: lower_leaky(v) for n, v in z.items()}, {n: upper_leaky(v) for n, v in z.items()}
 
 
 def faithfulness_warmup(b: Built, steps: int, lr: float, wd: float, probe: torch.Tensor | None = None) -> float:
@@ -99,7 +92,7 @@ class Trainer:
         self.global_draws = global_draws and world > 1
         seed_everything(cfg.init_seed)
         target, info = self._target()
-        if cfg.autocast_bf16 and hasattr(target, "set_attn_implementation"):
+        if cfg.autocast_bf16 and torch.device(cfg.device).type == "cpu" and hasattr(target, "set_attn_implementation"):
             # CPU SDPA in bf16 is several times slower than in fp32; HF's eager attention (softmax in fp32) is not
             target.set_attn_implementation("eager")
         self.b = build(cfg, target, info)
@@ -113,8 +106,6 @@ class Trainer:
         if cfg.fsdp and cfg.tie:
             raise InnardsError("fsdp does not support tied matrices (tie); use one process or drop tie")
         if self.sharded or cfg.activation_checkpointing:
-            from innards.vpd.shard import shard
-
             shard(self.b, fsdp=self.sharded, checkpoint=cfg.activation_checkpointing)
         self.uv = self.b.decomp.uv_parameters()
         self.ci_params = [p for p in self.b.ci.parameters()]
@@ -352,8 +343,6 @@ class Trainer:
         d = self.out / CKPT
         d.mkdir(parents=True, exist_ok=True)
         if self.sharded:
-            from innards.vpd.shard import save_shards
-
             save_shards(self, d)
             return
         rank_state = self._rank_state()
@@ -387,8 +376,6 @@ class Trainer:
         if bool(meta.get("sharded")) != self.sharded:
             raise InnardsError(f"checkpoint in {d} was written {'with' if meta.get('sharded') else 'without'} fsdp")
         if self.sharded:
-            from innards.vpd.shard import load_shards
-
             load_shards(self, d, meta)
             self.step = int(meta["step"])
             self.last = meta.get("last") or {}
@@ -504,8 +491,6 @@ def train(cfg: VPDConfig, stop_at: int | None = None, progress: bool = True, glo
     tr.save_checkpoint()
     if tr.step >= cfg.steps:
         if tr.sharded:
-            from innards.vpd.shard import gathered
-
             full = gathered(tr)  # every rank takes part in the gather; rank 0 keeps an unsharded copy
         elif dist.world > 1:
             _check_replicas(tr)
@@ -534,6 +519,4 @@ def _check_replicas(tr: Trainer) -> None:
 
 
 def _quick_eval(tr: Trainer, b: Built | None = None) -> dict[str, Any]:
-    from innards.vpd.evaluate import quick_metrics
-
     return quick_metrics(b or tr.b, tr.data, n_batches=max(1, tr.cfg.eval_batches // 2))
