@@ -10,8 +10,6 @@ import sys
 
 from innards.errors import guarded
 
-run_guarded = guarded  # old name, still imported by cli/vpd_train.py
-
 # (words) -> (module under innards.cli, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("demo",): ("demo", "run the main job on the embedded demo model"),

@@ -224,6 +224,10 @@ class VPDConfig:
     """also log to this W&B project"""
     progress: bool = True
     """progress bar"""
+    stop_after: int | None = None
+    """end this call after a checkpoint at this step (the run stays resumable; for tests of exact resume)"""
+    global_draws: bool = False
+    """under torchrun every process draws data and masks for the whole batch (equals one process; for tests)"""
 
     @property
     def loss_kind(self) -> str:
@@ -234,7 +238,7 @@ class VPDConfig:
 
 # settings that may differ between a run and its resumption without changing the result
 RESUME_FREE = {"out", "resume", "wandb_project", "progress", "checkpoint_every", "log_every", "eval_every",
-               "eval_batches", "eval_batch_size", "activation_checkpointing"}
+               "eval_batches", "eval_batch_size", "activation_checkpointing", "stop_after", "global_draws"}
 
 
 def shipped_configs() -> dict[str, Path]:
