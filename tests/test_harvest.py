@@ -54,6 +54,8 @@ def test_bad_input_exits_2_with_one_line(env, capsys, tmp_path):
     line = one_line_error(capsys, [*args(env, out)[:3], "--site", "blocks.0.resid_middle", *args(env, out)[5:]], "unknown site")
     assert "resid_post" in line  # the message lists the valid forms
     one_line_error(capsys, [*args(env, out)[:3], "--site", "blocks.7.resid_post", *args(env, out)[5:]], "out of range")
+    for per_head in ("blocks.0.attn.hook_q", "blocks.0.pattern"):  # not one vector per token: refused, not crashed
+        one_line_error(capsys, [*args(env, out)[:3], "--site", per_head, *args(env, out)[5:]], "per-head")
     (tmp_path / "empty.txt").write_text("\n\n")
     one_line_error(capsys, [*args(env, out)[:5], "--text", str(tmp_path / "empty.txt"), *args(env, out)[7:]], "no documents")
     one_line_error(capsys, [*args(env, out)[:5], "--text", str(tmp_path / "missing.txt"), *args(env, out)[7:]], "not found")

@@ -173,6 +173,10 @@ class Harvester:
                                                                 device=cfg.model.device, revision=cfg.model.revision)
         seen: set[str] = set()
         self.sites: list[Site] = [s for s in expand_sites(self.model, cfg.site) if not (s.name in seen or seen.add(s.name))]
+        for s in self.sites:
+            # a store holds one (d,) vector per token; per-head tensors and attention patterns are not that
+            require(s.heads == 0, f"site {s.name} is per-head ({'(B, heads, T, T)' if s.kind == 'pattern' else '(B, T, heads, d_head)'}): "
+                    "a store holds one vector per token; harvest z's output (attn_out) or a residual site instead")
         self.site_meta = [site_metadata(self.model, s) for s in self.sites]
         self.context = _model_context(self.model, cfg.context)
         self.out = Path(cfg.out).expanduser()
