@@ -10,7 +10,7 @@ def main(argv: list[str] | None = None) -> int:
     from innards.glp.sample import GLPSampleConfig, sample_to_file
 
     def run(cfg: GLPSampleConfig) -> int:
-        print(sample_to_file(cfg))
+        sample_to_file(cfg)
         return 0
 
     return command(GLPSampleConfig, run, argv, prog="innards glp sample",

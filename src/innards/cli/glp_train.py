@@ -20,8 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     from innards.glp.train import GLPTrainConfig, train_glp
 
     def run(cfg: GLPTrainConfig) -> int:
-        out = train_glp(cfg)
-        print(out)
+        train_glp(cfg)
         return 0
 
     return command(GLPTrainConfig, run, argv, prog="innards glp train",

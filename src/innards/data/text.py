@@ -11,7 +11,9 @@ A source spec is one of
 * ``generate:N``: N documents sampled from the model being harvested (seeded); the samples are
   written to a cache folder so a resumed run reads the very same text;
 * ``random:N``: N context-long documents of uniformly random token ids (seeded): for benchmarks
-  and smoke tests, where only the amount of computation matters.
+  and smoke tests, where only the amount of computation matters;
+* ``demo-samples``: the 4,096 documents (about 220k tokens) the demo LM wrote itself, shipped with
+  the package (``models/demo/samples.jsonl.gz``): the corpus of ``make demo`` and the README.
 
 Every document gets a stable id (``relative/path:k``, ``hf:NAME:SPLIT:row``, ``gen:SEED:i``) and a
 stream index (its position in the source). Invalid UTF-8 is replaced and counted (one warning per
@@ -51,6 +53,8 @@ from innards.io import atomic_write_bytes
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+# 4,096 documents the demo LM wrote itself (seed 0): the demo's corpus, shipped so nothing is generated at run time
+DEMO_SAMPLES = Path(__file__).resolve().parent.parent / "models" / "demo" / "samples.jsonl.gz"
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".csv", ".csv.zst")
 SPLITS = ("blank", "line", "formfeed", "file")
 
@@ -737,7 +741,7 @@ def open_text(spec: str, *, text_field: str = "text", split: str = "blank", mode
         if len(parts) == 3:
             return HFSource(spec, parts[0], parts[2], config=parts[1], **kw)
         raise InnardsError(f"bad text spec '{spec}' (use hf:NAME[:SPLIT] or hf:NAME:CONFIG:SPLIT)")
-    path = Path(spec).expanduser()
+    path = DEMO_SAMPLES if spec == "demo-samples" else Path(spec).expanduser()
     if not path.exists():
         raise InnardsError(f"text source not found: {spec}")
     if _is_saved_dataset(path) or (path.is_dir() and _has_table_files(path)

@@ -77,4 +77,6 @@ def sample_to_file(cfg: GLPSampleConfig) -> Path:
                     "solver": cfg.solver, "schedule": cfg.schedule, "seed": str(cfg.seed)}
             save_tensors(out, {"acts": x}, metadata=meta)
         run.complete(headline={"n": cfg.n, "d": int(x.shape[1])}, outputs=[out.name])
+        print(f"wrote {cfg.n:,} samples of width {x.shape[1]} to {out} ({cfg.solver}, {cfg.schedule} schedule, "
+              f"{cfg.steps} steps)")
         return out

@@ -579,10 +579,19 @@ def train_glp(cfg: GLPTrainConfig) -> Path:
             s = trainer.summary()
             run.complete(headline={k: s[k] for k in ("val_loss", "train_loss", "step", "activations", "n_params")
                                    if s[k] is not None}, outputs=["model.safetensors", "config.json", "metrics.jsonl"])
+            print(final_line(out, s))
         dist.barrier()
         return out
     finally:
         run.close()
+
+
+def final_line(out: Path, s: dict) -> str:
+    """The one line a finished training prints: where, how much, and the validation loss against the Gaussian's."""
+    val = "" if s.get("val_loss") is None else f", validation loss {s['val_loss']:.4g}"
+    gauss = "" if s.get("val_loss_gaussian") is None else f" (Gaussian flow {s['val_loss_gaussian']:.4g})"
+    return (f"glp train: {out}: {s['n_params']:,} parameters, {s['step']:,} steps on {s['activations']:,} activations, "
+            f"train loss {s['train_loss']:.4g}{val}{gauss}")
 
 
 def _check_inputs(cfg: GLPTrainConfig) -> None:

@@ -65,6 +65,21 @@ class FeatureSpec:
         return self.kind if self.arg is None else f"{self.kind}:{self.arg}"
 
 
+MEANING = {"raw": "residual dims", "mlp": "MLP neurons", "glp": "GLP meta-neurons", "sae": "SAE latents",
+           "pca": "PCA components", "vpd": "VPD components"}
+
+
+def meaning(name: str) -> str:
+    """What a feature-set label means, for plots and summaries: 'glp:glp' -> 'GLP meta-neurons (glp)'."""
+    kind, _, arg = name.partition(":")
+    what = MEANING.get(kind)
+    if what is None:
+        return name
+    if kind == "pca" and arg:
+        return f"top {arg} {what}"
+    return f"{what} ({arg})" if arg else what
+
+
 def parse_features(items: list[str]) -> list[FeatureSpec]:
     """Parse ``raw,mlp,glp:X,sae:X,pca:K,vpd:RUN`` entries; one-line errors for anything else."""
     if not items:

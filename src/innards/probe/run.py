@@ -34,7 +34,7 @@ from innards.models.load import load_model
 from innards.models.sites import Site, resolve_site
 from innards.probe.dense import dense_probe
 from innards.probe.extract import TOKEN_RULES, ActivationCache, model_tag
-from innards.probe.features import FeatureBuilder, FeatureSpec, mlp_site, needed_sites, parse_features
+from innards.probe.features import FeatureBuilder, FeatureSpec, meaning, mlp_site, needed_sites, parse_features
 from innards.probe.onedim import CS, one_d_probe
 from innards.probe.tasks import Split, Task, list_tasks, make_split, read_task, select_tasks
 from innards.run import CONFIG_FILE, Run
@@ -347,7 +347,7 @@ def summary_figure(summary: dict) -> plt.Figure:
     ax.bar(range(len(names)), means, yerr=np.vstack([lo, hi]), capsize=5, color="#4c72b0")
     for i, m in enumerate(means):
         ax.text(i, 0.505, f"{m:.3f}", ha="center", va="bottom", color="white", fontsize=9)
-    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_xticks(range(len(names)), [meaning(n) for n in names], rotation=20, ha="right")
     ax.set_ylim(0.5, 1.0)
     mode = summary.get("settings", {}).get("mode", "1d")
     ax.set_ylabel("mean test ROC-AUC")

@@ -346,8 +346,9 @@ def train_sae(cfg: SAETrainConfig) -> Path:
                                if isinstance(summary.get(k), (int, float))},
                      outputs=[CFG_FILE, WEIGHTS_FILE, "summary.json", "metrics.jsonl"])
         shutil.rmtree(out / RESUME_DIR, ignore_errors=True)
-    print(f"sae: {d_sae} latents, k={cfg.k}, {fit.tokens} activations, val FVU {summary.get('val_fvu')}, "
-          f"dead {summary.get('val_dead_fraction')} -> {out}")
+    fvu, dead = summary.get("val_fvu"), summary.get("val_dead_fraction")
+    print(f"sae: {out}: {d_sae:,} latents, k={cfg.k}, {fit.tokens:,} activations, validation FVU "
+          f"{'-' if fvu is None else f'{fvu:.4g}'}, dead latents {'-' if dead is None else f'{dead:.2%}'}")
     return out
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from innards.config import at_least, within
 from innards.errors import InnardsError
 from innards.io import atomic_write_bytes, write_json
 from innards.vpd.components import Mask
@@ -73,26 +74,33 @@ def parse_component(b: Any, spec: str) -> tuple[str, int]:
 class ContextsConfig:
     """innards vpd contexts: top-activating token contexts (by causal importance) per component."""
 
-    __field_help__ = {
-        "run": "run folder",
-        "text": "text source (file, folder, hf:NAME, generate:N)",
-        "out": "output folder (default RUN/contexts)",
-        "top": "examples per component",
-        "window": "tokens of context before the firing token",
-        "threshold": "skip components whose CI never exceeds this",
-    }
-
     run: str = ""
-    text: str = ""  # an innards.data.text source
-    out: str | None = None  # folder (default RUN/contexts)
+    """run folder of innards vpd train (a language-model run)"""
+    text: str = ""
+    """text source (file, folder, hf:NAME, generate:N, demo-samples)"""
+    out: str | None = None
+    """output folder (default RUN/contexts)"""
     max_tokens: int = 100_000
-    seq_len: int = 0  # 0 = the run's seq_len
+    """tokens streamed through the model"""
+    seq_len: int = 0
+    """tokens per sequence (0: the run's seq_len)"""
     batch_size: int = 16
+    """sequences per forward pass"""
     top: int = 10
-    window: int = 12  # tokens of context left of the firing token
-    threshold: float = 0.1  # components whose CI never exceeds this are skipped
+    """examples kept per component"""
+    window: int = 12
+    """tokens of context before the firing token"""
+    threshold: float = 0.1
+    """components whose CI never exceeds this are skipped"""
     model: str | None = None
+    """load the target from here instead (must be the same model)"""
     device: str | None = None
+    """torch device (default: the run's)"""
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "max_tokens", "batch_size", "top")
+        at_least(self, 0, "seq_len", "window")
+        within(self, "threshold", 0.0, 1.0)
 
 
 def contexts(cfg: ContextsConfig) -> dict[str, Any]:
@@ -220,21 +228,23 @@ def _contexts_md(res: dict[str, Any]) -> str:
 class AblateConfig:
     """innards vpd ablate: how removing one subcomponent changes the next-token distribution."""
 
-    __field_help__ = {
-        "run": "run folder",
-        "component": "NAME:IDX (NAME: a unique suffix of the matrix path)",
-        "prompt": "text; the next token after it is examined",
-        "top": "tokens listed",
-        "out": "also write JSON here",
-    }
-
     run: str = ""
-    component: str = ""  # NAME:IDX
+    """run folder of innards vpd train (a language-model run)"""
+    component: str = ""
+    """NAME:IDX (NAME: a unique suffix of the matrix path)"""
     prompt: str = ""
+    """text; the next token after it is examined"""
     top: int = 10
-    out: str | None = None  # JSON file
+    """tokens listed"""
+    out: str | None = None
+    """also write the result as JSON here"""
     model: str | None = None
+    """load the target from here instead (must be the same model)"""
     device: str | None = None
+    """torch device (default: the run's)"""
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "top")
 
 
 def ablate(cfg: AblateConfig) -> dict[str, Any]:
@@ -282,23 +292,26 @@ def ablate(cfg: AblateConfig) -> dict[str, Any]:
 class GraphConfig:
     """innards vpd graph: attribution graph among the components active on a prompt."""
 
-    __field_help__ = {
-        "run": "run folder",
-        "prompt": "text",
-        "out": "output folder (default RUN/graph)",
-        "threshold": "nodes: subcomponents with CI above this",
-        "max_nodes": "keep the highest-CI nodes",
-        "max_edges": "keep the strongest edges",
-    }
-
     run: str = ""
+    """run folder of innards vpd train (a language-model run)"""
     prompt: str = ""
-    out: str | None = None  # folder (default RUN/graph)
-    threshold: float = 0.1  # node: causal importance above this
-    max_nodes: int = 150  # keep the nodes with the highest CI
-    max_edges: int = 300  # drawn and saved, by |attribution|
+    """text whose components are graphed"""
+    out: str | None = None
+    """output folder (default RUN/graph)"""
+    threshold: float = 0.1
+    """nodes: subcomponents with causal importance above this"""
+    max_nodes: int = 150
+    """keep the nodes with the highest causal importance"""
+    max_edges: int = 300
+    """keep (draw and save) the strongest edges by |attribution|"""
     model: str | None = None
+    """load the target from here instead (must be the same model)"""
     device: str | None = None
+    """torch device (default: the run's)"""
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "max_nodes", "max_edges")
+        within(self, "threshold", 0.0, 1.0)
 
 
 def graph(cfg: GraphConfig) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from innards.config import apply_overrides, from_dict, load_yaml, to_dict
+from innards.config import apply_overrides, at_least, from_dict, load_yaml, positive, require, to_dict, within
 from innards.errors import InnardsError
 
 
@@ -48,6 +48,12 @@ class TargetConfig:
     """target training seed"""
     retries: int = 8
     """further seeds tried when a target fails to learn all its features"""
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "n_features", "n_hidden", "d_embed", "d_mlp", "n_layers", "steps", "batch_size")
+        at_least(self, 0, "weight_decay", "retries")
+        within(self, "feature_prob", 0.0, 1.0, open_lo=True)
+        positive(self, "lr")
 
 
 @dataclass
@@ -228,6 +234,19 @@ class VPDConfig:
     """end this call after a checkpoint at this step (the run stays resumable; for tests of exact resume)"""
     global_draws: bool = False
     """under torchrun every process draws data and masks for the whole batch (equals one process; for tests)"""
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "C", "steps", "batch_size", "seq_len", "max_tokens", "eval_batches", "log_every",
+                 "checkpoint_every", "stop_after")
+        at_least(self, 0, "warmup_steps", "eval_every", "eval_batch_size", "stoch_coeff", "adv_coeff",
+                 "layerwise_coeff", "imp_coeff", "freq_coeff", "delta_coeff", "weight_decay", "warmup_wd", "clip_uv")
+        positive(self, "lr", "warmup_lr", "p_end", "eps")
+        within(self, "adv_start_frac", 0.0, 1.0)
+        within(self, "p_end_frac", 0.0, 1.0, open_lo=True)
+        within(self, "lr_final_frac", 0.0, 1.0)
+        within(self, "ci_threshold", 0.0, 1.0)
+        require(all(isinstance(c, int) and c >= 1 for c in self.C_per_module.values()),
+                f"C_per_module values must be at least 1, got {self.C_per_module}")
 
     @property
     def loss_kind(self) -> str:

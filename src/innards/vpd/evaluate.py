@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from innards.config import at_least, require
 from innards.errors import InnardsError
 from innards.io import atomic_write_bytes, read_json, write_json
 from innards.runlog import read_metrics
@@ -29,29 +30,36 @@ STRATEGIES = ["unmasked", "stochastic", "ci", "rounded", "random", "zero"]
 class EvalConfig:
     """innards vpd eval: evaluate a run folder."""
 
-    __field_help__ = {
-        'run': 'run folder of innards vpd train',
-        'out': 'JSON path (default RUN/eval.json)',
-        'batches': "evaluation batches (0: the run's eval_batches)",
-        'batch_size': "batch size (0: the run's)",
-        'pgd_steps': "fresh-PGD steps (-1: the run's adversary.eval_steps, 20)",
-        'pgd_step_size': "fresh-PGD step size (-1: the run's, 0.1)",
-        'threshold': "CI threshold for L0 and rounded masks (-1: the run's ci_threshold)",
-        'model': 'load the target from here (must be the same model)',
-    }
-
-
     run: str = ""
-    out: str | None = None  # JSON path (default RUN/eval.json)
-    batches: int = 0  # 0 = the run's eval_batches
-    batch_size: int = 0  # 0 = the run's eval_batch_size or batch_size
-    pgd_steps: int = -1  # -1 = the run's adversary.eval_steps
+    """run folder of innards vpd train"""
+    out: str | None = None
+    """JSON path (default RUN/eval.json)"""
+    batches: int = 0
+    """evaluation batches (0: the run's eval_batches)"""
+    batch_size: int = 0
+    """batch size (0: the run's eval_batch_size, else its batch_size)"""
+    pgd_steps: int = -1
+    """fresh-PGD steps (-1: the run's adversary.eval_steps)"""
     pgd_step_size: float = -1.0
-    threshold: float = -1.0  # -1 = the run's ci_threshold
+    """fresh-PGD step size (-1: the run's adversary.eval_step_size)"""
+    threshold: float = -1.0
+    """CI threshold for L0 and rounded masks (-1: the run's ci_threshold)"""
     seed: int = 1234
-    model: str | None = None  # override the target (must be the same model)
+    """seed of the evaluation batches and masks"""
+    model: str | None = None
+    """load the target from here instead (must be the same model)"""
     device: str | None = None
+    """torch device (default: the run's)"""
     png: bool = True
+    """also write the CI spectrum PNG"""
+
+    def __post_init__(self) -> None:
+        at_least(self, 0, "batches", "batch_size")
+        at_least(self, -1, "pgd_steps")
+        require(self.pgd_step_size == -1 or self.pgd_step_size > 0,
+                f"--pgd-step-size must be positive (or -1: the run's), got {self.pgd_step_size}")
+        require(self.threshold == -1 or 0 <= self.threshold <= 1,
+                f"--threshold must be in [0, 1] (or -1: the run's), got {self.threshold}")
 
 
 def _ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
