@@ -50,7 +50,7 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path):
     assert (out / "ckpt" / "shard0.safetensors").is_file() and (out / "ckpt" / "shard1.safetensors").is_file()
     p = _torchrun(args + ["--resume"])
     assert p.returncode == 0, p.stderr[-3000:]
-    meta = json.loads((out / "run.json").read_text())
+    meta = json.loads((out / "decomposition.json").read_text())
     assert meta["world"] == 2 and meta["sharded"] and meta["step"] == 6
     _close(one, out, 1e-5)
 

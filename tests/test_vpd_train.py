@@ -42,9 +42,9 @@ def test_resume_gives_identical_weights(tmp_path, name):
 
 def test_resume_with_changed_settings_is_refused(tmp_path):
     train(_cfg("tms-5-2", tmp_path / "r"), stop_at=3)
-    with pytest.raises(InnardsError, match="changed settings.*imp_coeff"):
+    with pytest.raises(InnardsError, match="other settings.*imp_coeff"):
         train(_cfg("tms-5-2", tmp_path / "r", resume=True, imp_coeff=0.5))
-    with pytest.raises(InnardsError, match="already holds a run"):
+    with pytest.raises(InnardsError, match="holds an unfinished vpd run"):
         train(_cfg("tms-5-2", tmp_path / "r"))
 
 
@@ -120,7 +120,7 @@ def test_torchrun_two_processes(tmp_path):
     cmd += [f"{k}={v}" for k, v in TINY.items() if k != "progress"] + ["steps=4"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert p.returncode == 0, p.stderr[-2000:]
-    meta = json.loads((out / "run.json").read_text())
+    meta = json.loads((out / "decomposition.json").read_text())
     assert meta["world"] == 2 and meta["step"] == 4
     assert (out / "ckpt" / "rank1.safetensors").is_file()
 
@@ -168,7 +168,7 @@ def test_spd_constant_lr_run_can_be_extended_exactly(tmp_path):
     b = train(_cfg("tms-5-2-spd", tmp_path / "b", steps=8, resume=True, **over))
     ta, tb = load_tensors(a / "decomposition.safetensors"), load_tensors(b / "decomposition.safetensors")
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
-    with pytest.raises(InnardsError, match="changed settings"):
+    with pytest.raises(InnardsError, match="other settings.*steps"):
         train(_cfg("tms-5-2-spd", tmp_path / "b", steps=4, resume=True, **over))
 
 

@@ -226,6 +226,8 @@ class VPDConfig:
     """run folder"""
     resume: bool = False
     """continue the run in out from its checkpoint"""
+    overwrite: bool = False
+    """replace what out holds (a finished or unfinished run of other settings)"""
     wandb_project: str | None = None
     """also log to this W&B project"""
     progress: bool = True
@@ -257,7 +259,7 @@ class VPDConfig:
 
 # settings that may differ between a run and its resumption without changing the result
 RESUME_FREE = {"out", "resume", "wandb_project", "progress", "checkpoint_every", "log_every", "eval_every",
-               "eval_batches", "eval_batch_size", "activation_checkpointing", "stop_after", "global_draws"}
+               "eval_batches", "eval_batch_size", "activation_checkpointing", "stop_after", "global_draws", "overwrite"}
 
 
 def shipped_configs() -> dict[str, Path]:

@@ -21,7 +21,7 @@ from innards.vpd.data import TokenPool, ToyData
 from innards.vpd.ground_truth import ground_truth
 from innards.vpd.losses import divergence
 from innards.vpd.masks import constant_masks, stochastic_masks
-from innards.vpd.run import ci_values, load_run
+from innards.vpd.run import ci_values, load_run, read_meta
 
 STRATEGIES = ["unmasked", "stochastic", "ci", "rounded", "random", "zero"]
 
@@ -282,8 +282,9 @@ def curve(cfg: CurveConfig) -> dict[str, Any]:
     recs = read_metrics(d)
     if not recs:
         raise InnardsError(f"no metrics.jsonl in {d}")
-    meta_p = d / "run.json" if (d / "run.json").is_file() else d / "ckpt" / "state.json"
-    comps = read_json(meta_p, "run metadata").get("components", []) if meta_p.is_file() else []
+    meta = read_meta(d) or (read_json(d / "ckpt" / "state.json", "checkpoint metadata")
+                            if (d / "ckpt" / "state.json").is_file() else {})
+    comps = meta.get("components", [])
     C_total = sum(c["C"] for c in comps) or None
     rows: list[dict[str, Any]] = []
     acc: dict[str, list[float]] = {}

@@ -21,7 +21,8 @@ from innards.vpd.sigmoids import lower_leaky, upper_leaky
 from innards.vpd.toys import build_toy
 
 DECOMP_FILE = "decomposition.safetensors"
-RUN_FILE = "run.json"
+META_FILE = "decomposition.json"  # what the decomposition is; run.json is the folder's innards.run record
+LEGACY_META = "run.json"  # the name META_FILE had before innards.run took it
 TARGET_FILE = "target.safetensors"
 TARGET_META = "target.json"
 
@@ -126,7 +127,17 @@ def run_meta(b: Built, step: int, extra: dict[str, Any] | None = None) -> dict[s
 
 def save_final(b: Built, out: Path, step: int, extra: dict[str, Any] | None = None) -> None:
     digest = save_tensors(out / DECOMP_FILE, decomposition_tensors(b))
-    write_json(out / RUN_FILE, {**run_meta(b, step, extra), "sha256": digest})
+    write_json(out / META_FILE, {**run_meta(b, step, extra), "sha256": digest})
+
+
+def read_meta(d: Path) -> dict[str, Any]:
+    """A finished run's decomposition metadata ({} if none): ``decomposition.json``, or the legacy ``run.json``."""
+    if (d / META_FILE).is_file():
+        return read_json(d / META_FILE, "decomposition metadata")
+    if (d / LEGACY_META).is_file():
+        meta = read_json(d / LEGACY_META, "run metadata")
+        return {} if meta.get("format") == "innards.run" else meta
+    return {}
 
 
 def load_run(run_dir: str | Path, model: str | None = None, device: str | None = None) -> Built:
@@ -140,7 +151,7 @@ def load_run(run_dir: str | Path, model: str | None = None, device: str | None =
     target, info = load_target(cfg, d, model)
     b = build(cfg, target, info)
     if (d / DECOMP_FILE).is_file():
-        meta = read_json(d / RUN_FILE, "run metadata") if (d / RUN_FILE).is_file() else {}
+        meta = read_meta(d)
         tensors = load_tensors(d / DECOMP_FILE, meta.get("sha256"), what="decomposition")
         where = str(d / DECOMP_FILE)
     elif (d / "ckpt" / "state.safetensors").is_file():

@@ -13,19 +13,20 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from innards.config import load_yaml, save_config, to_dict
+from innards.config import load_yaml, to_dict
 from innards.errors import InnardsError
 from innards.io import read_json, write_json
 from innards.runlog import MetricsLog
+from innards.run import Run
 from innards.runtime import Dist, init_dist, seed_everything
 from innards.tensors import load_tensors, save_tensors
 from innards.vpd.adversary import PersistentPGD, adv_loss, fresh_pgd_term
-from innards.vpd.config import VPDConfig, config_from_dict, result_settings
+from innards.vpd.config import RESUME_FREE, VPDConfig, config_from_dict, result_settings
 from innards.vpd.data import TokenPool, ToyData
 from innards.vpd.evaluate import quick_metrics
 from innards.vpd.losses import divergence, minimality, p_at
 from innards.vpd.masks import SlicedDraws, stochastic_masks, uniform_k_routing
-from innards.vpd.run import Built, build, ci_values, decomposition_tensors, load_decomposition_tensors, load_target, \
+from innards.vpd.run import DECOMP_FILE, META_FILE, Built, build, ci_values, decomposition_tensors, load_decomposition_tensors, load_target, \
     run_meta, save_final, save_target, target_fingerprint
 from innards.vpd.shard import gathered, load_shards, save_shards, shard
 from innards.vpd.toys import train_target
@@ -447,27 +448,43 @@ def train(cfg: VPDConfig, stop_at: int | None = None, progress: bool = True, glo
     dist = init_dist()
     torch.set_flush_denormal(True)  # tiny CI gradients otherwise hit slow denormal arithmetic on CPU
     out = Path(cfg.out)
+    free = set(RESUME_FREE)
+    saved = config_from_dict(load_yaml(out / "config.yaml")) if cfg.resume and (out / "config.yaml").is_file() else None
+    extending = saved is not None and saved.steps < cfg.steps and _same_run(result_settings(saved), result_settings(cfg), cfg)
+    if extending:
+        free.add("steps")  # an extendable run may continue past its old end
+    run = Run.open(out, "vpd", cfg, resume=cfg.resume, overwrite=cfg.overwrite, free=free, main=dist.main,
+                   inputs={"text": cfg.text} if cfg.target.kind == "lm" and Path(cfg.text).exists() else {})
+    try:
+        state = run.state
+        if dist.world > 1:  # rank 0 decided; the others follow
+            box = [state]
+            torch.distributed.broadcast_object_list(box, src=0)
+            state = box[0]
+        if state == "complete" and not extending:
+            if dist.main:
+                run.say_complete()
+            return out
+        if dist.main and state == "complete":  # extended: running again
+            run.record["status"] = "running"
+            run._write_record()
+        _train(cfg, out, dist, run, progress, stop_at, global_draws, resumed=state != "new")
+    finally:
+        run.close()
+    return out
+
+
+def _train(cfg: VPDConfig, out: Path, dist: Dist, run: Run, progress: bool, stop_at: int | None, global_draws: bool,
+           resumed: bool) -> None:
+    """The training loop of :func:`train` inside its open run folder."""
     ckpt_exists = (out / CKPT / "state.json").is_file()
-    if cfg.resume:
-        if not ckpt_exists and not (out / "config.yaml").is_file():
-            raise InnardsError(f"nothing to resume in {out} (no checkpoint)")
-        if (out / "config.yaml").is_file():
-            saved = config_from_dict(load_yaml(out / "config.yaml"))
-            if not _same_run(result_settings(saved), result_settings(cfg), cfg):
-                changed = _diff(result_settings(saved), result_settings(cfg))
-                raise InnardsError(f"--resume with changed settings ({', '.join(changed[:5])}); use a new --out or the same settings")
-    elif ckpt_exists or (out / "decomposition.safetensors").is_file():
-        raise InnardsError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
     dist.barrier()
     tr = Trainer(cfg, out, dist, progress, global_draws=global_draws)
-    if cfg.resume and ckpt_exists:
+    if resumed and ckpt_exists:
         tr.load_checkpoint()
     else:
         tr.last["warmup_delta_l2"] = tr.warmup()
-    log = MetricsLog(out, cfg.wandb_project if dist.main else None, to_dict(cfg), resume_step=tr.step if cfg.resume else None,
+    log = MetricsLog(out, cfg.wandb_project if dist.main else None, to_dict(cfg), resume_step=tr.step if resumed else None,
                      enabled=dist.main)
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     bar = tqdm(total=cfg.steps, initial=tr.step, desc="vpd train", disable=not tr.progress, dynamic_ncols=True)
@@ -502,9 +519,12 @@ def train(cfg: VPDConfig, stop_at: int | None = None, progress: bool = True, glo
             log.log(tr.step, **ev)
             save_final(full, out, tr.step, {"last": tr.last, "final_eval": ev, "world": dist.world,
                                             "sharded": tr.sharded})
+            run.complete(headline={k: v for k, v in ev.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                         outputs=[DECOMP_FILE, META_FILE, "metrics.jsonl"])
+            print(f"vpd train: {out}: {tr.step:,} steps; " + ", ".join(
+                f"{k} {v:.4g}" for k, v in ev.items() if isinstance(v, float)))
     log.close()
     dist.barrier()
-    return out
 
 
 def _check_replicas(tr: Trainer) -> None:
