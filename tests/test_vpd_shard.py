@@ -15,6 +15,7 @@ import torch
 
 from innards.errors import InnardsError
 from innards.tensors import load_tensors
+from innards.train.checkpoint import current_checkpoint
 from innards.vpd.config import load_config
 from innards.vpd.train import train
 
@@ -47,7 +48,8 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path):
     args = ["--config", "tms-5-2-spd", "--out", str(out), *_kv(TMS), "fsdp=true"]
     p = _torchrun(args + ["--stop-at", "3"])
     assert p.returncode == 0, p.stderr[-3000:]
-    assert (out / "ckpt" / "shard0.safetensors").is_file() and (out / "ckpt" / "shard1.safetensors").is_file()
+    ck = current_checkpoint(out / "ckpt")
+    assert (ck / "shard0.safetensors").is_file() and (ck / "shard1.safetensors").is_file()
     p = _torchrun(args + ["--resume"])
     assert p.returncode == 0, p.stderr[-3000:]
     meta = json.loads((out / "decomposition.json").read_text())

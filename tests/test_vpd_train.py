@@ -13,6 +13,7 @@ import torch
 
 from innards.errors import InnardsError
 from innards.tensors import load_tensors
+from innards.train.checkpoint import current_checkpoint
 from innards.vpd.config import load_config
 from innards.vpd.train import train
 
@@ -50,7 +51,7 @@ def test_resume_with_changed_settings_is_refused(tmp_path):
 
 def test_corrupt_checkpoint_is_one_line_error(tmp_path):
     train(_cfg("tms-5-2-spd", tmp_path / "r"), stop_at=3)
-    p = tmp_path / "r" / "ckpt" / "state.safetensors"
+    p = current_checkpoint(tmp_path / "r" / "ckpt") / "state.safetensors"
     p.write_bytes(p.read_bytes()[:100])
     with pytest.raises(InnardsError, match="corrupted|does not load"):
         train(_cfg("tms-5-2-spd", tmp_path / "r", resume=True))
@@ -122,7 +123,7 @@ def test_torchrun_two_processes(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     meta = json.loads((out / "decomposition.json").read_text())
     assert meta["world"] == 2 and meta["step"] == 4
-    assert (out / "ckpt" / "rank1.safetensors").is_file()
+    assert (current_checkpoint(out / "ckpt") / "rank1.safetensors").is_file()
 
 
 def test_tms_spd_short_run_learns_the_features(tmp_path):
@@ -202,3 +203,32 @@ def test_curve_reads_the_evaluations_of_a_run(tmp_path, capsys):
     assert {"mse_ci", "train_l0", "stochastic"} <= set(res["rows"][-1])
     assert out.with_suffix(".png").is_file() and "| step |" in capsys.readouterr().out
     assert main(["vpd", "curve", "--run", str(tmp_path / "nothing")]) == 2
+
+
+def test_kill9_anywhere_then_resume_equals_uninterrupted(tmp_path):
+    """SIGKILL while training (checkpoints every step), then --resume: the same weights, no duplicate metrics."""
+    import signal
+    import time
+
+    over = {**TINY, "steps": 40, "checkpoint_every": 1}
+    argv = ["vpd", "train", "--config", "tms-5-2", "--no-progress", *[f"{k}={v}" for k, v in over.items() if k != "progress"]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    a = train(_cfg("tms-5-2", tmp_path / "a", steps=40, checkpoint_every=1))
+    out = tmp_path / "b"
+    p = subprocess.Popen([sys.executable, "-m", "innards", *argv, "--out", str(out)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while current_checkpoint(out / "ckpt") is None or json.loads((out / "ckpt" / "LATEST").read_text())["step"] < 15:
+        assert time.time() < deadline and p.poll() is None, "the run ended or stalled before it could be killed"
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "decomposition.safetensors").exists()
+    r = subprocess.run([sys.executable, "-m", "innards", *argv, "--out", str(out), "--resume"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ta, tb = load_tensors(a / "decomposition.safetensors"), load_tensors(out / "decomposition.safetensors")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    steps = [[json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, out)]
+    assert steps[1] == steps[0]  # each logged step once, as in the uninterrupted run
+    assert [d.name for d in (out / "ckpt").iterdir() if d.name.startswith(".")] == []  # nothing half-written is left

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -40,14 +40,29 @@ def has_checkpoint(folder: str | Path) -> bool:
 def save_checkpoint(folder: str | Path, step: int, files: Mapping[str, Mapping[str, torch.Tensor]],
                     state: Mapping[str, object]) -> Path:
     """Write and commit a checkpoint of ``step``; returns its folder."""
-    root = Path(folder)
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:07d}"
-    tmp = root / f".{name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = stage_checkpoint(folder, step, tag=str(os.getpid()))
     digests = {fname: save_tensors(tmp / fname, dict(tensors)) for fname, tensors in files.items()}
-    write_json(tmp / STATE, {**state, "step": step, "files": digests})
+    return commit_checkpoint(folder, tmp, step, state, digests)
+
+
+def stage_checkpoint(folder: str | Path, step: int, tag: str = "", create: bool = True) -> Path:
+    """An empty temporary folder for the files of checkpoint ``step``; several processes may write into it
+    (one creates it, the others pass ``create=False`` to learn its name)."""
+    root = Path(folder)
+    tmp = root / f".step_{step:07d}.tmp{tag}"
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    return tmp
+
+
+def commit_checkpoint(folder: str | Path, tmp: Path, step: int, state: Mapping[str, object],
+                      digests: Mapping[str, str]) -> Path:
+    """Record ``digests`` (file name -> SHA-256 of the staged files) and make the staged checkpoint the current one."""
+    root = Path(folder)
+    write_json(tmp / STATE, {**state, "step": step, "files": dict(digests)})
+    name = f"step_{step:07d}"
     final = root / name
     n = 1
     while final.exists():  # the same step saved again (e.g. a resumed run that stops where it was stopped)
@@ -59,21 +74,27 @@ def save_checkpoint(folder: str | Path, step: int, files: Mapping[str, Mapping[s
     return final
 
 
-def load_checkpoint(folder: str | Path) -> tuple[dict, Files]:
-    """The committed checkpoint's state and tensor files (checksums verified)."""
+def current_checkpoint(folder: str | Path) -> Path | None:
+    """The folder of the committed checkpoint (None: there is none)."""
     root = Path(folder)
     if (root / LATEST).is_file():
         latest = read_json(root / LATEST, what="checkpoint pointer")
         d = root / str(latest.get("name", ""))
         if not (d / STATE).is_file():
             raise InnardsError(f"checkpoint {d} named by {root / LATEST} is missing; the run cannot be resumed")
-    elif (root / STATE).is_file():
-        d = root  # innards 0.1: one folder, swapped in by two renames
-    else:
-        raise InnardsError(f"nothing to resume: {root} holds no checkpoint")
+        return d
+    return root if (root / STATE).is_file() else None  # innards 0.1: one folder, swapped in by two renames
+
+
+def load_checkpoint(folder: str | Path, only: Iterable[str] | None = None) -> tuple[dict, Files]:
+    """The committed checkpoint's state and tensor files (checksums verified); ``only``: just these files."""
+    d = current_checkpoint(folder)
+    if d is None:
+        raise InnardsError(f"nothing to resume: {folder} holds no checkpoint")
     state = read_json(d / STATE, what="checkpoint state")
+    wanted = None if only is None else set(only)
     files = {fname: load_tensors(d / fname, sha256=digest, what="checkpoint file")
-             for fname, digest in (state.get("files") or {}).items()}
+             for fname, digest in (state.get("files") or {}).items() if wanted is None or fname in wanted}
     return state, files
 
 

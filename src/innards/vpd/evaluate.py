@@ -16,6 +16,7 @@ from innards.config import at_least, require
 from innards.errors import InnardsError
 from innards.io import atomic_write_bytes, read_json, write_json
 from innards.runlog import read_metrics
+from innards.train.checkpoint import current_checkpoint
 from innards.vpd.adversary import fresh_pgd
 from innards.vpd.data import TokenPool, ToyData
 from innards.vpd.ground_truth import ground_truth
@@ -282,8 +283,8 @@ def curve(cfg: CurveConfig) -> dict[str, Any]:
     recs = read_metrics(d)
     if not recs:
         raise InnardsError(f"no metrics.jsonl in {d}")
-    meta = read_meta(d) or (read_json(d / "ckpt" / "state.json", "checkpoint metadata")
-                            if (d / "ckpt" / "state.json").is_file() else {})
+    ck = current_checkpoint(d / "ckpt")
+    meta = read_meta(d) or (read_json(ck / "state.json", "checkpoint metadata") if ck is not None else {})
     comps = meta.get("components", [])
     C_total = sum(c["C"] for c in comps) or None
     rows: list[dict[str, Any]] = []

@@ -14,6 +14,7 @@ from innards.config import load_yaml, to_dict
 from innards.errors import InnardsError
 from innards.io import read_json, write_json
 from innards.tensors import load_tensors, save_tensors
+from innards.train.checkpoint import current_checkpoint
 from innards.vpd.ci import build_ci
 from innards.vpd.components import Decomposition
 from innards.vpd.config import TargetConfig, VPDConfig, config_from_dict
@@ -154,10 +155,12 @@ def load_run(run_dir: str | Path, model: str | None = None, device: str | None =
         meta = read_meta(d)
         tensors = load_tensors(d / DECOMP_FILE, meta.get("sha256"), what="decomposition")
         where = str(d / DECOMP_FILE)
-    elif (d / "ckpt" / "state.safetensors").is_file():
-        meta = read_json(d / "ckpt" / "state.json", "checkpoint metadata")
-        tensors = load_tensors(d / "ckpt" / "state.safetensors", meta.get("sha256"), what="checkpoint")
-        where = str(d / "ckpt")
+    elif (ck := current_checkpoint(d / "ckpt")) is not None and (ck / "state.safetensors").is_file():
+        meta = read_json(ck / "state.json", "checkpoint metadata")
+        tensors = load_tensors(ck / "state.safetensors", (meta.get("files") or {}).get("state.safetensors",
+                                                                                     meta.get("sha256")),
+                               what="checkpoint")
+        where = str(ck)
     else:
         raise InnardsError(f"run folder {d} holds no decomposition or checkpoint yet")
     fp = meta.get("target_fingerprint")

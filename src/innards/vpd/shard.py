@@ -19,11 +19,8 @@ import torch
 from torch import nn
 
 from innards.errors import InnardsError
-from innards.io import write_json
-from innards.tensors import load_tensors, save_tensors
 from innards.vpd.components import Decomposition
-from innards.vpd.config import result_settings
-from innards.vpd.run import Built, build, load_decomposition_tensors, load_target, run_meta
+from innards.vpd.run import Built, build, load_decomposition_tensors, load_target
 
 if TYPE_CHECKING:
     from innards.vpd.train import Trainer
@@ -104,35 +101,21 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def save_shards(tr: Trainer, d: Path) -> None:
-    """Each rank writes its own shard of parameters, optimiser state and RNG/adversary state; rank 0 the metadata."""
-    import torch.distributed as td
-
+def shard_tensors(tr: Trainer) -> dict[str, torch.Tensor]:
+    """This rank's shard of parameters and optimiser state, and its RNG/adversary state, for a checkpoint."""
     params = tr.uv + tr.ci_params
     tensors = {f"p.{i}": _local(p.detach()) for i, p in enumerate(params)}
-    opt_state = tr.opt.state_dict()
-    for i, st in opt_state["state"].items():
+    for i, st in tr.opt.state_dict()["state"].items():
         for k, v in st.items():
             tensors[f"opt.{i}.{k}"] = _local(v) if torch.is_tensor(v) else torch.tensor(v)
     tensors.update({f"rank.{k}": v for k, v in tr._rank_state().items()})
-    digest = save_tensors(d / f"shard{tr.dist.rank}.safetensors", tensors)
-    digests: list[Any] = [None] * tr.dist.world
-    td.all_gather_object(digests, digest)
-    if tr.dist.main:
-        groups = [{k: v for k, v in gr.items() if k != "params"} for gr in opt_state["param_groups"]]
-        meta = run_meta(tr.b, tr.step, {"settings": result_settings(tr.cfg), "param_groups": groups, "sharded": True,
-                                        "world": tr.dist.world, "last": tr.last, "shard_sha256": digests})
-        write_json(d / "state.json", meta)
-    td.barrier()
+    return tensors
 
 
-def load_shards(tr: Trainer, d: Path, meta: dict[str, Any]) -> None:
-    """Inverse of :func:`save_shards` on the same number of processes."""
+def load_shards(tr: Trainer, d: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`shard_tensors` on the same number of processes."""
     from torch.distributed.tensor import DTensor
 
-    rank = tr.dist.rank
-    tensors = load_tensors(d / f"shard{rank}.safetensors", (meta.get("shard_sha256") or [None] * (rank + 1))[rank],
-                           what="checkpoint shard")
     params = tr.uv + tr.ci_params
     try:
         with torch.no_grad():

@@ -20,15 +20,16 @@ from innards.runlog import MetricsLog
 from innards.run import Run
 from innards.runtime import Dist, init_dist, seed_everything
 from innards.tensors import load_tensors, save_tensors
+from innards.train.checkpoint import commit_checkpoint, current_checkpoint, has_checkpoint, stage_checkpoint
 from innards.vpd.adversary import PersistentPGD, adv_loss, fresh_pgd_term
 from innards.vpd.config import RESUME_FREE, VPDConfig, config_from_dict, result_settings
 from innards.vpd.data import TokenPool, ToyData
 from innards.vpd.evaluate import quick_metrics
 from innards.vpd.losses import divergence, minimality, p_at
 from innards.vpd.masks import SlicedDraws, stochastic_masks, uniform_k_routing
-from innards.vpd.run import DECOMP_FILE, META_FILE, Built, build, ci_values, decomposition_tensors, load_decomposition_tensors, load_target, \
-    run_meta, save_final, save_target, target_fingerprint
-from innards.vpd.shard import gathered, load_shards, save_shards, shard
+from innards.vpd.run import DECOMP_FILE, META_FILE, Built, build, ci_values, decomposition_tensors, \
+    load_decomposition_tensors, load_target, run_meta, save_final, save_target, target_fingerprint
+from innards.vpd.shard import gathered, load_shards, shard, shard_tensors
 from innards.vpd.toys import train_target
 
 CKPT = "ckpt"
@@ -340,30 +341,43 @@ class Trainer:
             rank_state.update(self.adv.state())
         return rank_state
 
-    def save_checkpoint(self) -> None:
-        d = self.out / CKPT
-        d.mkdir(parents=True, exist_ok=True)
+    def _checkpoint_files(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """This process's file of a checkpoint: the whole state (rank 0), its RNG/adversary state, or its shard."""
         if self.sharded:
-            save_shards(self, d)
-            return
+            return f"shard{self.dist.rank}.safetensors", shard_tensors(self)
         rank_state = self._rank_state()
         if self.dist.rank > 0:
-            save_tensors(d / f"rank{self.dist.rank}.safetensors", rank_state)
-            return
+            return f"rank{self.dist.rank}.safetensors", rank_state
         tensors = decomposition_tensors(self.b)
-        opt_state = self.opt.state_dict()
-        for i, st in opt_state["state"].items():
+        for i, st in self.opt.state_dict()["state"].items():
             for k, v in st.items():
                 tensors[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
         tensors.update({f"rank.{k}": v for k, v in rank_state.items()})
-        digest = save_tensors(d / "state.safetensors", tensors)
-        groups = [{k: v for k, v in gr.items() if k != "params"} for gr in opt_state["param_groups"]]
-        meta = run_meta(self.b, self.step, {"settings": result_settings(self.cfg), "param_groups": groups,
-                                            "world": self.dist.world, "last": self.last})
-        write_json(d / "state.json", {**meta, "sha256": digest})
+        return "state.safetensors", tensors
+
+    def save_checkpoint(self) -> None:
+        """Every process writes its file into one staged folder; rank 0 commits it (train/checkpoint.py)."""
+        root = self.out / CKPT
+        tmp = stage_checkpoint(root, self.step, create=self.dist.main)
+        self.dist.barrier()
+        fname, tensors = self._checkpoint_files()
+        digests = [(fname, save_tensors(tmp / fname, tensors))]
+        if self.dist.world > 1:
+            every: list[list[tuple[str, str]] | None] = [None] * self.dist.world
+            torch.distributed.all_gather_object(every, digests)
+            digests = [d for part in every for d in (part or [])]
+        if self.dist.main:
+            groups = [{k: v for k, v in gr.items() if k != "params"} for gr in self.opt.state_dict()["param_groups"]]
+            meta = run_meta(self.b, self.step, {"settings": result_settings(self.cfg), "param_groups": groups,
+                                                "world": self.dist.world, "sharded": self.sharded, "last": self.last})
+            commit_checkpoint(root, tmp, self.step, meta, dict(digests))
+        self.dist.barrier()
 
     def load_checkpoint(self) -> None:
-        d = self.out / CKPT
+        root = self.out / CKPT
+        d = current_checkpoint(root)
+        if d is None:
+            raise InnardsError(f"nothing to resume: {root} holds no checkpoint")
         meta = read_json(d / "state.json", "checkpoint metadata")
         try:  # settings added to VPDConfig after the checkpoint was written take their defaults
             saved = result_settings(config_from_dict(meta.get("settings") or {}))
@@ -376,17 +390,31 @@ class Trainer:
             raise InnardsError(f"checkpoint was written by {meta.get('world')} processes, resuming with {self.dist.world}")
         if bool(meta.get("sharded")) != self.sharded:
             raise InnardsError(f"checkpoint in {d} was written {'with' if meta.get('sharded') else 'without'} fsdp")
+        fname = (f"shard{self.dist.rank}.safetensors" if self.sharded else
+                 "state.safetensors" if self.dist.main else f"rank{self.dist.rank}.safetensors")
+        digest = (meta.get("files") or {}).get(fname, meta.get("sha256") if fname == "state.safetensors" else None)
+        tensors = load_tensors(d / fname, digest, what="checkpoint")
         if self.sharded:
-            load_shards(self, d, meta)
-            self.step = int(meta["step"])
-            self.last = meta.get("last") or {}
-            return
-        tensors = load_tensors(d / "state.safetensors", meta.get("sha256"), what="checkpoint")
-        load_decomposition_tensors(self.b, tensors, str(d))
+            load_shards(self, d, meta, tensors)
+        else:
+            self._load_state(d, meta, tensors)
+        self.step = int(meta["step"])
+        self.last = meta.get("last") or {}
+
+    def _load_state(self, d: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Decomposition, optimiser and RNG/adversary state of an unsharded checkpoint (rank 0's file holds them all)."""
+        if self.dist.main:
+            load_decomposition_tensors(self.b, tensors, str(d))
+            own = {k[5:]: v for k, v in tensors.items() if k.startswith("rank.")}
+        else:  # rank 0's full state (the replicas are identical), then this rank's own draws
+            main = load_tensors(d / "state.safetensors", (meta.get("files") or {}).get("state.safetensors",
+                                                                                       meta.get("sha256")),
+                                what="checkpoint")
+            load_decomposition_tensors(self.b, main, str(d))
+            own, tensors = tensors, main
         try:
-            state = {"state": {}, "param_groups": []}
-            n_params = len(self.uv) + len(self.ci_params)
-            for i in range(n_params):
+            state: dict[str, Any] = {"state": {}, "param_groups": []}
+            for i in range(len(self.uv) + len(self.ci_params)):
                 st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
                 if st:
                     state["state"][i] = st
@@ -395,15 +423,9 @@ class Trainer:
                 state["param_groups"].append({**saved, "params": list(range(idx, idx + len(gr["params"])))})
                 idx += len(gr["params"])
             self.opt.load_state_dict(state)
-            if self.dist.rank > 0:
-                rank_state = load_tensors(d / f"rank{self.dist.rank}.safetensors", what="checkpoint")
-            else:
-                rank_state = {k[5:]: v for k, v in tensors.items() if k.startswith("rank.")}
-            self.load_rank_state(rank_state)
+            self.load_rank_state(own)
         except (KeyError, ValueError, RuntimeError) as e:
             raise InnardsError(f"checkpoint in {d} does not load ({type(e).__name__})") from None
-        self.step = int(meta["step"])
-        self.last = meta.get("last") or {}
 
     def load_rank_state(self, rank_state: dict[str, torch.Tensor]) -> None:
         self.gen.set_state(rank_state["gen"])
@@ -477,7 +499,7 @@ def train(cfg: VPDConfig, stop_at: int | None = None, progress: bool = True, glo
 def _train(cfg: VPDConfig, out: Path, dist: Dist, run: Run, progress: bool, stop_at: int | None, global_draws: bool,
            resumed: bool) -> None:
     """The training loop of :func:`train` inside its open run folder."""
-    ckpt_exists = (out / CKPT / "state.json").is_file()
+    ckpt_exists = has_checkpoint(out / CKPT)
     dist.barrier()
     tr = Trainer(cfg, out, dist, progress, global_draws=global_draws)
     if resumed and ckpt_exists:
