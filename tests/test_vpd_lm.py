@@ -127,6 +127,14 @@ def test_ablate_graph_contexts(lm_run, tmp_path, capsys):
     assert (tmp_path / "c" / "contexts.html").is_file() and c["components"]
     ex = next(iter(c["components"].values()))["examples"][0]
     assert {"ci", "left", "token", "right"} <= set(ex)
+    # the same from the top-level API, in memory, for one component: the same examples, no files
+    import innards
+
+    b = innards.load_run(run)
+    key = next(iter(c["components"]))
+    one = innards.top_contexts(b, innards.text_windows(b, str(text), 500), top=3, threshold=0.0, component=key,
+                               progress=False)
+    assert list(one["components"]) == [key] and one["components"][key] == c["components"][key]
 
 
 def test_toy_run_refused_by_lm_commands(tmp_path):

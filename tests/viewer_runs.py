@@ -171,7 +171,7 @@ def build_runs(root: Path, log: bool = False) -> dict[str, Path]:
     done("sae", sae)
     ev = res / "eval.json"
     evaluate_glp(cfg(EvalConfig, glp=str(glp), acts=str(acts), out=str(ev), model="demo", n=300, steps=6, sae=str(sae),
-                            pca_k=8, **{"project.steps": 4}, lm_docs=6, max_len=32, lm_batch_size=6, progress=False))
+                            pca_k=8, **{"project.steps": 4}, lm_docs=6, context=32, lm_batch_size=6, progress=False))
     done("eval", ev)
     neurons = res / "neurons"
     glp_neurons(cfg(NeuronsConfig, glp=str(glp), text=str(text), top=5, max_docs=48, context=40, batch_size=16,

@@ -43,9 +43,9 @@ class DemoConfig:
     model: str = "demo"
     """language model (the shipped demo LM by default)"""
     site: str | None = None
-    """activation site (default: resid_post of the middle layer)"""
+    """activation site (None: resid_post of the middle layer)"""
     text: str = "demo-samples"
-    """text source of the store (default: the demo LM's own 4,096 shipped samples)"""
+    """text source of the store (demo-samples: the demo LM's own 4,096 shipped documents)"""
     tokens: int = 250_000
     """activations to harvest (the shipped samples hold about 220k tokens: all of them)"""
     glp_depth: int = 3
@@ -73,7 +73,7 @@ class DemoConfig:
     probe: bool = True
     """run the probing stage (when the SAE-Probes tasks are found)"""
     probe_tasks: str | None = None
-    """SAE-Probes task folder (default: ../shared/data/sae_probes/cleaned_data when present)"""
+    """SAE-Probes task folder (None: ../shared/data/sae_probes/cleaned_data when present)"""
     probe_filter: list[str] = field(default_factory=lambda: list(PROBE_TASKS))
     """tasks probed"""
     report: bool = True

@@ -71,15 +71,15 @@ class BenchGLPConfig:
     """What to benchmark."""
 
     acts: str | None = None
-    """activation store to train from (default: harvest --tokens rows of --model's middle layer)"""
+    """activation store to train from (None: harvest --tokens rows of --model's middle layer)"""
     glp: str | None = None
-    """GLP folder to sample from for fd_by_nfe (default: train one on the store)"""
+    """GLP folder to sample from for fd_by_nfe (None: train one on the store)"""
     model: str = "demo"
     """model to harvest from when --acts is not given"""
     site: str | None = None
-    """site to harvest (default: resid_post of the middle block)"""
+    """site to harvest (None: resid_post of the middle block)"""
     text: str | None = None
-    """text to harvest (default: ../shared/data children's books when present, else random tokens)"""
+    """text to harvest (None: ../shared/data children's books when present, else random tokens)"""
     tokens: int = 400_000
     """rows to harvest when --acts is not given"""
     depth: int = 3
@@ -95,7 +95,7 @@ class BenchGLPConfig:
     compile: bool = False
     """torch.compile the denoiser"""
     threads: int | None = None
-    """torch threads in the timed child (default: torch's default)"""
+    """torch threads in the timed child (None: torch's default)"""
     fd_n: int = 2048
     """samples (and held-out rows) per Fréchet distance and C2ST"""
     fd_train_steps: int = 1500
@@ -133,7 +133,7 @@ class BenchGLPConfig:
     lm_max_len: int = 64
     """tokens per held-out document (special tokens included)"""
     out: str | None = None
-    """work folder (default: a temporary folder, removed afterwards); it caches the 1000-step references"""
+    """work folder (None: a temporary folder, removed afterwards); it caches the 1000-step references"""
     seed: int = 0
     """seed of the harvest, the training and the samples"""
 

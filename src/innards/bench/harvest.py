@@ -50,13 +50,13 @@ class BenchHarvestConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """the language model"""
     site: list[str] = field(default_factory=list)
-    """site(s) to harvest in one run (default: two runs, resid_post of the middle block and of the last)"""
+    """site(s) to harvest in one run (empty: two runs, resid_post of the middle block and of the last)"""
     text: str = ""
-    """text source (default: random:N, context-long random token sequences)"""
+    """text source (empty: random:N, context-long random token sequences)"""
     tokens: int = 40_000
     """tokens harvested in the timed part of each run"""
     context: int | None = None
-    """tokens per sequence (default: the model's, at most 1024)"""
+    """tokens per sequence (None: the model's, at most 1024)"""
     batch_size: int = 16
     """sequences per forward pass"""
     store_dtype: StoreDtype = "bf16"
@@ -64,7 +64,7 @@ class BenchHarvestConfig:
     warmup: int = 2
     """untimed batches first"""
     out: str | None = None
-    """folder for the shards written (default: a temporary folder, removed afterwards)"""
+    """folder for the shards written (None: a temporary folder, removed afterwards)"""
     seed: int = 0
     """seed of the generated text"""
     dtype: InitVar[StoreDtype | None] = None

@@ -63,11 +63,11 @@ class BenchOODConfig:
     glp: str = ""
     """GLP folder or hub id"""
     acts: str | None = None
-    """activation store of the in-distribution data (default: the store the GLP was trained on)"""
+    """activation store of the in-distribution data (None: the store the GLP was trained on)"""
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name=""))
-    """the language model (default: the one recorded in the GLP)"""
+    """the language model (empty name: the one recorded in the GLP)"""
     text: str | None = None
-    """in-distribution text (default: the validation documents of --acts, which the GLP never saw; generate:N draws new samples)"""
+    """in-distribution text (None: the validation documents of --acts, which the GLP never saw; generate:N draws new samples)"""
     shift: list[str] = field(default_factory=list)
     """shifted text as NAME=SRC[#SPLIT] (repeatable; SPLIT: how a .txt splits into documents, blank by default), e.g. rt=../shared/data/sentiment/rt-polarity.pos.txt#line"""
     shuffled: bool = True
@@ -75,7 +75,7 @@ class BenchOODConfig:
     random_tokens: bool = True
     """add documents of uniformly random tokens (same lengths)"""
     probe_tasks: str | None = None
-    """an SAE-Probes folder whose task prompts are a shift (default: ../shared/data/sae_probes when present; 'none' = off)"""
+    """an SAE-Probes folder whose task prompts are a shift (None: ../shared/data/sae_probes when present; 'none' = off)"""
     docs: int = 200
     """documents per condition"""
     context: int = 64
@@ -85,7 +85,7 @@ class BenchOODConfig:
     batch_size: int = 16
     """documents per forward pass of the LM"""
     sae: str | None = None
-    """SAE folder or hub id for sae_error (default: train a TopK SAE on --acts)"""
+    """SAE folder or hub id for sae_error (None: train a TopK SAE on --acts)"""
     train_sae: bool = True
     """train a TopK SAE when --sae is not given (otherwise sae_error is skipped)"""
     sae_k: int = 32
@@ -93,7 +93,7 @@ class BenchOODConfig:
     sae_latents: str = "8*d"
     """latents of the SAE trained here"""
     sae_tokens: int | None = None
-    """activations for the SAE trained here (default: one pass, at most 4M)"""
+    """activations for the SAE trained here (None: one pass, at most 4M)"""
     knn_k: int = 10
     """the k of the k-NN distance"""
     ref_rows: int = 20000
@@ -108,7 +108,7 @@ class BenchOODConfig:
     """solver of the likelihood ODE"""
     probes: int = 1
     """Hutchinson probes per token"""
-    bootstrap: int = 2000
+    n_boot: int = 2000
     """bootstrap resamples of each AUROC's CI"""
     seed: int = 0
     """seed of the document choice, the shifts, the scores' noise and the bootstrap"""
@@ -123,7 +123,7 @@ class BenchOODConfig:
         if isinstance(self.model, str):
             self.model = ModelConfig(name=self.model)
         at_least(self, 1, "docs", "min_tokens", "batch_size", "sae_k", "knn_k", "ref_rows", "n_t", "ode_steps", "probes",
-                 "bootstrap", "sae_tokens")
+                 "n_boot", "sae_tokens")
         at_least(self, 2, "context")
         for s in self.shift:
             require(bool(re.fullmatch(r"[\w.-]+=[^#]+(#(blank|line|formfeed|file))?", s)), f"--shift is NAME=SRC[#SPLIT], got '{s}'")
@@ -374,7 +374,7 @@ def _table(doc_scores: dict[str, dict[str, np.ndarray]], cfg: BenchOODConfig) ->
         auroc[cond] = {}
         for det in DETECTORS:
             if det in sc and det in ind:
-                a, lo, hi = auroc_ci(ind[det], sc[det], cfg.bootstrap, cfg.seed)
+                a, lo, hi = auroc_ci(ind[det], sc[det], cfg.n_boot, cfg.seed)
                 auroc[cond][det] = {"auroc": a, "lo": lo, "hi": hi}
     means = {cond: {det: float(np.mean(v)) for det, v in sc.items()} for cond, sc in doc_scores.items()}
     return {"auroc": auroc, "n_docs": {c: len(next(iter(s.values()))) for c, s in doc_scores.items()},

@@ -49,7 +49,7 @@ class BenchSteerConfig:
     site: str = "blocks.3.resid_post"
     """steered site"""
     glp: str | None = None
-    """GLP folder of the site (default: a random GLP of the paper's shape: the speed is the same)"""
+    """GLP folder of the site (None: a random GLP of the paper's shape: the speed is the same)"""
     depth: int = 3
     """depth of the random GLP"""
     nfe: list[int] = field(default_factory=lambda: [4, 8, 10, 20])

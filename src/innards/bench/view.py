@@ -52,7 +52,7 @@ class BenchViewConfig:
     report: bool = True
     """also time innards report of both runs"""
     work: str | None = None
-    """folder for the synthetic runs (default: a temporary folder, removed afterwards)"""
+    """folder for the synthetic runs (None: a temporary folder, removed afterwards)"""
     out: str | None = None
     """also write the JSON result to this file"""
 

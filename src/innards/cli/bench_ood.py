@@ -18,4 +18,4 @@ def main(argv: list[str] | None = None) -> int:
                    description="ROC-AUC of GLP typicality (denoising loss, ODE likelihood), a Gaussian (Mahalanobis), "
                                "SAE reconstruction error, k-NN distance and the LM's own loss for in-distribution vs "
                                "shifted text (shuffled words, random tokens, probing prompts, --shift NAME=SRC), with "
-                               "bootstrap CIs.", aliases=MODEL_ALIASES)
+                               "bootstrap CIs.", aliases={**MODEL_ALIASES, "--bootstrap": "--n-boot"})

@@ -7,7 +7,7 @@ from innards.models.config import MODEL_ALIASES
 
 # the flat spellings of innards 0.1: the projection now lives in --project.*, the LM in --model.*
 ALIASES = {"-n": "--n", "--t-start": "--project.t-start", "--project-steps": "--project.steps",
-           "--project-schedule": "--project.schedule", **MODEL_ALIASES}
+           "--project-schedule": "--project.schedule", "--max-len": "--context", **MODEL_ALIASES}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,4 +15,4 @@ def main(argv: list[str] | None = None) -> int:
     return command(ScaleConfig, run, argv, prog="innards glp scale",
                    description="Train GLPs of several depths with log-spaced checkpoints, fit L(C) = E + A C^-alpha "
                                "(C = 6 N D) to the compute-efficient envelope of validation loss, and plot it.",
-                   aliases={"--lr": "--optim.lr"})
+                   aliases={"--lr": "--optim.lr", "--max-len": "--context"})

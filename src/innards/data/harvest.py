@@ -73,7 +73,7 @@ class HarvestConfig:
     out: str = ""
     """output folder of the activation store"""
     context: int | None = None
-    """tokens per sequence, special tokens included (default: the model's, at most 1024)"""
+    """tokens per sequence, special tokens included (None: the model's, at most 1024)"""
     batch_size: int = 16
     """sequences per forward pass"""
     store_dtype: StoreDtype = "bf16"

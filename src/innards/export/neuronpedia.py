@@ -44,11 +44,11 @@ class NeuronpediaConfig:
     out: str = "neuronpedia"
     """output folder: batch-N.json files and mapping.json"""
     model_id: str | None = None
-    """Neuronpedia model id (default: the model name innards recorded)"""
+    """Neuronpedia model id (None: the model name innards recorded)"""
     set_name: str | None = None
-    """Neuronpedia source-set name (default: glp-SITE for meta-neurons, vpd for subcomponents)"""
+    """Neuronpedia source-set name (None: glp-SITE for meta-neurons, vpd for subcomponents)"""
     contexts: str | None = None
-    """VPD only: the folder of innards vpd contexts (default RUN/contexts)"""
+    """VPD only: the folder of innards vpd contexts (None: RUN/contexts)"""
     batch_size: int = 128
     """features per batch file"""
     overwrite: bool = False

@@ -89,11 +89,11 @@ class DistillConfig:
     optim: DistillOptimConfig = field(default_factory=DistillOptimConfig)
     """AdamW and its learning-rate schedule"""
     site: str | None = None
-    """site of a multi-site teacher (default: its only site)"""
+    """site of a multi-site teacher (None: its only site)"""
     seed: int = 0
     """seed of the noise draws and the data order"""
     device: str | None = None
-    """device (default: cuda if available, else cpu)"""
+    """device (None: cuda if available, else cpu)"""
     log_every: int = 20
     """optimiser steps between metrics lines"""
     val_every: int = 200

@@ -61,19 +61,19 @@ class EvalConfig:
     out: str = "glp_eval.json"
     """output JSON file (a PCA plot, the resolved config and the run record are written next to it)"""
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name=""))
-    """language model of the delta LM losses (default: the one recorded in the GLP)"""
+    """language model of the delta LM losses (empty name: the one recorded in the GLP)"""
     delta_lm: bool = True
     """measure the delta LM losses"""
     site: str | None = None
-    """site to evaluate (default: the GLP's only site)"""
+    """site to evaluate (None: the GLP's only site)"""
     n: int = 10000
     """activations per set (held-out, train, GLP samples, Gaussian samples)"""
     sae: str | None = None
-    """SAELens-format SAE folder or hub id for the SAE baseline (default: train a TopK SAE on the store)"""
+    """SAELens-format SAE folder or hub id for the SAE baseline (None: train a TopK SAE on the store)"""
     pca_k: int = 32
-    """components of the PCA baseline (default 32, the SAE's k: equal active coefficients)"""
+    """components of the PCA baseline (32 = the SAE's k: equal active coefficients)"""
     val_acts: str | None = None
-    """a separate store of held-out activations (default: the validation documents of --acts)"""
+    """a separate store of held-out activations (None: the validation documents of --acts)"""
     steps: int = 1000
     """sampler steps for the GLP samples"""
     solver: Literal["euler", "heun"] = "euler"
@@ -86,7 +86,7 @@ class EvalConfig:
     """run the classifier two-sample tests"""
     lm_docs: int = 256
     """held-out documents for the delta LM loss"""
-    max_len: int = 128
+    context: int = 128
     """tokens per held-out sequence (BOS included) for the delta LM loss"""
     lm_batch_size: int = 16
     """sequences per forward pass of the delta LM loss"""
@@ -95,7 +95,7 @@ class EvalConfig:
     sae_latents: str = "8*d"
     """latents of the SAE trained when --sae is not given (a number or an expression of the width d)"""
     sae_tokens: int | None = None
-    """activations for the SAE trained when --sae is not given (default: one pass, at most 4M)"""
+    """activations for the SAE trained when --sae is not given (None: one pass, at most 4M)"""
     train_sae: bool = True
     """train a TopK SAE when --sae is not given (otherwise the SAE baseline is skipped)"""
     restats: str | None = None
@@ -112,7 +112,7 @@ class EvalConfig:
             self.model = ModelConfig(name=self.model)
         at_least(self, 16, "n")
         at_least(self, 1, "steps", "pca_k", "lm_docs", "lm_batch_size", "sae_k", "sae_tokens")
-        at_least(self, 2, "max_len")
+        at_least(self, 2, "context")
 
 
 # ----- small pieces ------------------------------------------------------------------------------------
@@ -469,7 +469,7 @@ def _delta_lm(cfg: EvalConfig, glp: GLP, gflow: GaussianFlow, site: str, store: 
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id if tok.eos_token_id is not None else 0)
     rows = vstore.split_rows(vsplit)
     seqs = sequences_from_rows(vstore.doc_ids[rows], vstore.positions[rows], vstore.token_ids[rows], bos_id=bos,
-                               max_len=cfg.max_len, max_docs=cfg.lm_docs, seed=cfg.seed)
+                               max_len=cfg.context, max_docs=cfg.lm_docs, seed=cfg.seed)
     if not seqs:
         notes.append("no held-out document with at least 2 tokens: no delta LM loss")
         return {}
@@ -490,9 +490,9 @@ def _delta_lm(cfg: EvalConfig, glp: GLP, gflow: GaussianFlow, site: str, store: 
     if sae is not None:
         reps["sae"] = sae.reconstruct
     res = delta_lm_loss(model, site, seqs, reps, bos_id=bos, pad_id=pad, batch_size=cfg.lm_batch_size,
-                        max_len=cfg.max_len, progress=cfg.progress)
+                        max_len=cfg.context, progress=cfg.progress)
     res["delta_lm_model"] = name
     res["delta_lm_note"] = ("mean over non-pad next-token predictions; *_padded: reference-compatible per-document "
-                            f"mean over max_len - 1 = {cfg.max_len - 1} predictions with pad counted as 0; gaussian: "
+                            f"mean over context - 1 = {cfg.context - 1} predictions with pad counted as 0; gaussian: "
                             "SDEdit with the exact flow of a Gaussian with the train mean and covariance")
     return res

@@ -40,9 +40,9 @@ class NeuronsConfig:
     glp: str = ""
     """GLP folder or hub id"""
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name=""))
-    """the language model the GLP was trained on (default: the one recorded in the GLP)"""
+    """the language model the GLP was trained on (empty name: the one recorded in the GLP)"""
     site: str | None = None
-    """site (default: the GLP's only site)"""
+    """site (None: the GLP's only site)"""
     text: str = ""
     """text source: file, folder, hf:NAME[:SPLIT] (see innards.data.text)"""
     neuron: list[str] = field(default_factory=list)

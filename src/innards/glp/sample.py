@@ -40,7 +40,7 @@ class GLPSampleConfig:
     out: str = "samples.safetensors"
     """output file: .safetensors (tensor 'acts') or .npy"""
     device: str | None = None
-    """device of the GLP (default: cuda if available, else cpu)"""
+    """device of the GLP (None: cuda if available, else cpu)"""
     batch_size: int = 16384
     """samples integrated at once"""
     restats: str | None = None

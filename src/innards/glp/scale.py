@@ -105,15 +105,15 @@ class ScaleConfig:
     depths: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
     """GLP depths of the sweep (comma-separated)"""
     tokens: int | None = None
-    """activations per run (default: one pass over the store)"""
+    """activations per run (None: one pass over the store)"""
     batch_size: int = 4096
     """activations per optimiser step of every run"""
     optim: GLPOptimConfig = field(default_factory=GLPOptimConfig)
     """AdamW and its schedule for every run (the same as innards glp train's)"""
     d_model: int | None = None
-    """model width of every run (default 2 x activation width)"""
+    """model width of every run (None: 2 x activation width)"""
     d_mlp: int | None = None
-    """SwiGLU width of every run (default 4 x activation width)"""
+    """SwiGLU width of every run (None: 4 x activation width)"""
     checkpoints: int = 12
     """log-spaced checkpoints per run (the points of the scaling plot)"""
     fit_from: float = 0.01
@@ -125,7 +125,7 @@ class ScaleConfig:
     seed: int = 0
     """seed of every run and of the downstream evaluations"""
     device: str | None = None
-    """training device (default: cuda if available, else cpu)"""
+    """training device (None: cuda if available, else cpu)"""
     model: str | None = None
     """language model for delta_lm_glp of the envelope checkpoints"""
     downstream: bool = True
@@ -138,7 +138,7 @@ class ScaleConfig:
     """sampler for the downstream C2ST samples"""
     lm_docs: int = 64
     """held-out documents for the downstream delta LM loss"""
-    max_len: int = 128
+    context: int = 128
     """tokens per held-out sequence for the downstream delta LM loss"""
     overwrite: bool = False
     """retrain runs whose settings differ from a previous sweep in --out"""
@@ -148,13 +148,13 @@ class ScaleConfig:
     def __post_init__(self) -> None:
         require(bool(self.depths) and min(self.depths) >= 1, f"--depths must list positive depths, e.g. 1,2,3,6; got {self.depths}")
         at_least(self, 1, "tokens", "batch_size", "d_model", "d_mlp", "eval_n", "eval_steps", "lm_docs")
-        at_least(self, 2, "checkpoints", "max_len")
+        at_least(self, 2, "checkpoints", "context")
         at_least(self, 0, "val_rows")
         within(self, "fit_from", 0.0, 1.0, open_hi=True)
 
 
 # settings that only change the analysis of finished runs, not the runs
-ANALYSIS = {"fit_from", "model", "downstream", "eval_n", "eval_steps", "eval_solver", "lm_docs", "max_len", "device"}
+ANALYSIS = {"fit_from", "model", "downstream", "eval_n", "eval_steps", "eval_solver", "lm_docs", "context", "device"}
 
 
 def _train_cfg(cfg: ScaleConfig, depth: int, run: Path) -> GLPTrainConfig:
@@ -289,7 +289,7 @@ def _downstream(cfg: ScaleConfig, env_pts: list[dict[str, Any]], notes: list[str
         first.check_compatible(model, site, store.width(site))
         tok = model.tokenizer
         seqs = sequences_from_rows(store.doc_ids[rows], store.positions[rows], store.token_ids[rows],
-                                   bos_id=tok.bos_token_id, max_len=cfg.max_len, max_docs=cfg.lm_docs, seed=cfg.seed)
+                                   bos_id=tok.bos_token_id, max_len=cfg.context, max_docs=cfg.lm_docs, seed=cfg.seed)
     else:
         notes.append("delta_lm_glp of the envelope checkpoints needs --model")
     out = []
@@ -302,7 +302,7 @@ def _downstream(cfg: ScaleConfig, env_pts: list[dict[str, Any]], notes: list[str
             tok = model.tokenizer
             pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
             fn = lambda x, g=glp: g.project(x.float(), t_start=0.5, steps=20, seed=cfg.seed, site=site)  # noqa: E731
-            d = delta_lm_loss(model, site, seqs, {"glp": fn}, bos_id=tok.bos_token_id, pad_id=pad, max_len=cfg.max_len,
+            d = delta_lm_loss(model, site, seqs, {"glp": fn}, bos_id=tok.bos_token_id, pad_id=pad, max_len=cfg.context,
                               progress=False)
             rec.update(delta_lm_glp=d["delta_lm_glp"], delta_lm_glp_se=d["delta_lm_glp_se"], lm_loss_clean=d["lm_loss_clean"])
         out.append(rec)

@@ -187,13 +187,13 @@ class ScoreConfig:
     glp: str = ""
     """GLP folder or hub id"""
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name=""))
-    """the language model (default: the one recorded in the GLP)"""
+    """the language model (empty name: the one recorded in the GLP)"""
     text: str = ""
     """text source: file, folder, hf:NAME[:SPLIT], generate:N, random:N (see innards harvest)"""
     out: str = "glp-score"
     """output folder: scores.safetensors (per token), scores.json (per document and position)"""
     site: str | None = None
-    """site (default: the GLP's only site)"""
+    """site (None: the GLP's only site)"""
     max_docs: int = 200
     """documents read from the text source"""
     context: int = 64

@@ -90,11 +90,11 @@ class GLPTrainConfig:
     depth: int = 3
     """number of denoiser blocks"""
     d_model: int | None = None
-    """model width (default 2 x activation width)"""
+    """model width (None: 2 x activation width)"""
     d_mlp: int | None = None
-    """SwiGLU width (default 4 x activation width)"""
+    """SwiGLU width (None: 4 x activation width)"""
     sites: list[str] | None = None
-    """sites to model (default: every site of the store; several -> a multi-site GLP)"""
+    """sites to model (None: every site of the store; several -> a multi-site GLP)"""
     tokens: int | None = None
     """activations to train on, in whole batches: ceil(tokens / batch_size) steps (repeats the store when larger than it)"""
     steps: int | None = None
@@ -118,7 +118,7 @@ class GLPTrainConfig:
     seed: int = 0
     """seed of the initialisation, data order, timesteps and noise"""
     device: str | None = None
-    """training device (default: cuda if available, else cpu)"""
+    """training device (None: cuda if available, else cpu)"""
     val_rows: int = 8192
     """held-out activations (validation documents) for the validation loss (0 = none)"""
     val_every: int = 0

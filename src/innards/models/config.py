@@ -17,7 +17,7 @@ class ModelConfig:
     dtype: Literal["bf16", "fp16", "fp32"] = "fp32"
     """dtype the model runs in"""
     device: str | None = None
-    """device of the model (default: cuda if available, else cpu)"""
+    """device of the model (None: cuda if available, else cpu)"""
 
     FLAG_PREFIX = "model"
 

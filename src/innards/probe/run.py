@@ -96,13 +96,13 @@ class ProbeConfig:
     token: Literal["auto", "last", "last_real"] = "auto"
     """probed token: auto (last for decoders, last real token for encoders), last, last_real"""
     context: int | None = None
-    """truncate prompts from the left to this many tokens (default: the model's context, at most 1024)"""
+    """truncate prompts from the left to this many tokens (None: the model's context, at most 1024)"""
     batch_size: int = 32
     """prompts per forward pass"""
     max_batch_tokens: int = 16384
     """cap on padded tokens per forward pass"""
     cache_dir: str | None = None
-    """activation cache folder (default OUT/cache)"""
+    """activation cache folder (None: OUT/cache)"""
     n_boot: int = 10000
     """bootstrap resamples over tasks"""
     plot: bool = True

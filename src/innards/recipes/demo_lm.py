@@ -157,7 +157,7 @@ class DemoTrainConfig:
     threads: int = 1
     """torch CPU threads"""
     device: str | None = None
-    """device (default: cuda if available, else cpu)"""
+    """device (None: cuda if available, else cpu)"""
     seed: int = 0
     """seed of the initial weights and of every batch"""
 

@@ -73,7 +73,7 @@ class SAEOptimConfig(OptimConfig):
     """Adam and the SAE's schedule: warm-up, flat, then linear to 0 over the last 20% of the steps."""
 
     lr: float | None = None
-    """peak learning rate (default 2e-4 / sqrt(latents / 2^14), Gao et al. 2024)"""
+    """peak learning rate (None: 2e-4 / sqrt(latents / 2^14), Gao et al. 2024)"""
     weight_decay: float = 0.0
     """weight decay (0: Adam, as in Gao et al. 2024)"""
     clip: float = 1.0
@@ -81,9 +81,9 @@ class SAEOptimConfig(OptimConfig):
     schedule: Literal["cosine", "constant", "wsd"] = "wsd"
     """after warm-up: wsd (flat, then linear to final_lr_frac over `decay`), cosine or constant"""
     warmup: float | None = None
-    """fraction of the steps spent warming up linearly (default: 5% of the steps, at most 100 steps)"""
+    """fraction of the steps spent warming up linearly (None: 5% of the steps, at most 100 steps)"""
     warmup_start: float | None = None
-    """learning rate at step 0 of the warm-up, as a fraction of lr (default: 1 / the number of warm-up steps)"""
+    """learning rate at step 0 of the warm-up, as a fraction of lr (None: 1 / the number of warm-up steps)"""
     final_lr_frac: float = 0.0
     """learning rate at the end, as a fraction of lr"""
     decay: float = 0.2
@@ -197,13 +197,13 @@ class SAETrainConfig:
     out: str = "runs/sae"
     """output folder (SAELens format: cfg.json + sae_weights.safetensors; with run.json, config.yaml, metrics.jsonl)"""
     site: str | None = None
-    """site to model (default: the store's only site)"""
+    """site to model (None: the store's only site)"""
     k: int = 32
     """active latents per activation (TopK)"""
     latents: str = "8*d"
     """number of latents: a number or an expression of the width d such as 8*d"""
     tokens: int | None = None
-    """activations to train on, in whole batches (default: one pass over the store's train split)"""
+    """activations to train on, in whole batches (None: one pass over the store's train split)"""
     steps: int | None = None
     """optimiser steps (alternative to --tokens)"""
     batch_size: int = 4096
@@ -211,7 +211,7 @@ class SAETrainConfig:
     optim: SAEOptimConfig = field(default_factory=SAEOptimConfig)
     """Adam and its learning-rate schedule"""
     aux_k: int | None = None
-    """dead latents used by the AuxK loss (default d/2; 0 = off)"""
+    """dead latents used by the AuxK loss (None: d/2; 0 = off)"""
     aux_coef: float = 1 / 32
     """weight of the AuxK loss"""
     dead_tokens: int = 1_000_000
@@ -219,7 +219,7 @@ class SAETrainConfig:
     seed: int = 0
     """seed of the initialisation and the data order"""
     device: str | None = None
-    """device (default: cuda when available, else cpu)"""
+    """device (None: cuda when available, else cpu)"""
     val_rows: int = 16384
     """held-out activations (validation documents) for the final FVU (0 = none)"""
     log_every: int = 50

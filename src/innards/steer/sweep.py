@@ -60,9 +60,9 @@ class SweepConfig(SteerInputs):
     concept_neg: str | None = None
     """sentences not showing it"""
     data_dir: str | None = None
-    """shared data folder for built-in concepts (default $INNARDS_DATA_DIR or ../shared/data)"""
+    """shared data folder for built-in concepts (None: $INNARDS_DATA_DIR or ../shared/data)"""
     evaluator_max_per_class: int | None = None
-    """subsample the evaluator's training sentences (default: all)"""
+    """subsample the evaluator's training sentences (None: all)"""
     n_boot: int = 10_000
     """bootstrap resamples over prompts"""
     out: str = "steer-sweep"

@@ -17,7 +17,7 @@ from innards.errors import InnardsError
 from innards.io import atomic_write_bytes, write_json
 from innards.vpd.components import Mask
 from innards.vpd.data import tokenize_source
-from innards.vpd.run import ci_values, load_run
+from innards.vpd.run import Built, ci_values, load_run
 
 
 def _load_lm_run(run: str, model: str | None, device: str | None) -> Any:
@@ -79,7 +79,7 @@ class ContextsConfig:
     text: str = ""
     """text source (file, folder, hf:NAME, generate:N, demo-samples)"""
     out: str | None = None
-    """output folder (default RUN/contexts)"""
+    """output folder (None: RUN/contexts)"""
     max_tokens: int = 100_000
     """tokens streamed through the model"""
     seq_len: int = 0
@@ -95,7 +95,7 @@ class ContextsConfig:
     model: str | None = None
     """load the target from here instead (must be the same model)"""
     device: str | None = None
-    """torch device (default: the run's)"""
+    """torch device (None: the run's)"""
 
     def __post_init__(self) -> None:
         at_least(self, 1, "max_tokens", "batch_size", "top")
@@ -103,54 +103,49 @@ class ContextsConfig:
         within(self, "threshold", 0.0, 1.0)
 
 
-def contexts(cfg: ContextsConfig) -> dict[str, Any]:
-    """Stream the text through the model; keep the top-CI token positions of every component."""
-    if not cfg.run or not cfg.text:
-        raise InnardsError("--run DIR and --text SRC are required")
-    b = _load_lm_run(cfg.run, cfg.model, cfg.device)
-    T = cfg.seq_len or b.cfg.seq_len
-    tokens = tokenize_source(cfg.text, b.target.tokenizer, cfg.max_tokens, model=b.target)
-    n_win = len(tokens) // T
-    if n_win == 0:
-        raise InnardsError(f"text source '{cfg.text}' gave fewer than {T} tokens")
-    windows = tokens[: n_win * T].view(n_win, T)
-    K = 4 * cfg.top  # extra candidates so the examples can come from distinct windows
-    best_v = {c.name: torch.full((K, c.C), -1.0) for c in b.decomp.components}
-    best_i = {c.name: torch.zeros((K, c.C), dtype=torch.long) for c in b.decomp.components}
-    sums = {c.name: torch.zeros(c.C, dtype=torch.float64) for c in b.decomp.components}
-    fires = {c.name: torch.zeros(c.C, dtype=torch.float64) for c in b.decomp.components}
-    for s in tqdm(range(0, n_win, cfg.batch_size), desc="vpd contexts"):
-        ids = windows[s:s + cfg.batch_size].to(b.cfg.device)
+def top_contexts(b: Built, windows: torch.Tensor, top: int = 10, window: int = 12, threshold: float = 0.1,
+                 batch_size: int = 16, component: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """In memory: each component's top-CI token contexts over ``windows`` (N, T) of token ids, its mean CI
+    and firing fraction (``component`` NAME:IDX: that one only)."""
+    only = parse_component(b, component) if component else None
+    comps = [c for c in b.decomp.components if only is None or c.name == only[0]]
+    n_win, T = windows.shape
+    K = 4 * top  # extra candidates so the examples can come from distinct windows
+    best_v = {c.name: torch.full((K, c.C), -1.0) for c in comps}
+    best_i = {c.name: torch.zeros((K, c.C), dtype=torch.long) for c in comps}
+    sums = {c.name: torch.zeros(c.C, dtype=torch.float64) for c in comps}
+    fires = {c.name: torch.zeros(c.C, dtype=torch.float64) for c in comps}
+    for s in tqdm(range(0, n_win, batch_size), desc="vpd contexts", disable=not progress):
+        ids = windows[s:s + batch_size].to(b.cfg.device)
         _, g = _ci(b, ids)
-        for n, gn in g.items():
-            flat = gn.reshape(-1, gn.shape[-1]).float().cpu()
+        for n in best_v:
+            flat = g[n].reshape(-1, g[n].shape[-1]).float().cpu()
             sums[n] += flat.double().sum(0)
-            fires[n] += (flat > cfg.threshold).double().sum(0)
-            k = min(K, flat.shape[0])
-            v, i = flat.topk(k, dim=0)
+            fires[n] += (flat > threshold).double().sum(0)
+            v, i = flat.topk(min(K, flat.shape[0]), dim=0)
             allv = torch.cat([best_v[n], v])
             alli = torch.cat([best_i[n], i + s * T])
-            top = allv.topk(K, dim=0)
-            best_v[n], best_i[n] = top.values, alli.gather(0, top.indices)
+            best = allv.topk(K, dim=0)
+            best_v[n], best_i[n] = best.values, alli.gather(0, best.indices)
     tok = b.target.tokenizer
     flat_tokens = windows.reshape(-1)
     n_pos = n_win * T
-    result: dict[str, Any] = {"run": cfg.run, "text": cfg.text, "tokens": n_pos, "threshold": cfg.threshold, "components": {}}
-    for c in b.decomp.components:
+    result: dict[str, Any] = {"tokens": n_pos, "threshold": threshold, "components": {}}
+    for c in comps:
         for idx in range(c.C):
-            if best_v[c.name][0, idx] <= cfg.threshold:
+            if (only is not None and idx != only[1]) or (only is None and best_v[c.name][0, idx] <= threshold):
                 continue
             ex = []
             seen: set[int] = set()
             for r in range(K):
                 v = float(best_v[c.name][r, idx])
-                if v <= cfg.threshold or len(ex) >= cfg.top:
+                if v <= threshold or len(ex) >= top:
                     break
                 p = int(best_i[c.name][r, idx])
                 if p // T in seen:
                     continue
                 seen.add(p // T)
-                start = max(p - cfg.window, (p // T) * T)
+                start = max(p - window, (p // T) * T)
                 end = min(p + 4, (p // T + 1) * T)
                 ex.append({"ci": round(v, 4), "left": tok.decode(flat_tokens[start:p].tolist()),
                            "token": tok.decode([int(flat_tokens[p])]),
@@ -158,6 +153,28 @@ def contexts(cfg: ContextsConfig) -> dict[str, Any]:
             result["components"][f"{c.name}:{idx}"] = {
                 "mean_ci": float(sums[c.name][idx] / n_pos), "firing_frac": float(fires[c.name][idx] / n_pos),
                 "examples": ex}
+    return result
+
+
+def text_windows(b: Built, text: str, max_tokens: int, seq_len: int = 0) -> torch.Tensor:
+    """Token windows (N, T) of a text source for a decomposed language model (T: the run's seq_len by default)."""
+    T = seq_len or b.cfg.seq_len
+    tokens = tokenize_source(text, b.target.tokenizer, max_tokens, model=b.target)
+    n_win = len(tokens) // T
+    if n_win == 0:
+        raise InnardsError(f"text source '{text}' gave fewer than {T} tokens")
+    return tokens[: n_win * T].view(n_win, T)
+
+
+def contexts(cfg: ContextsConfig) -> dict[str, Any]:
+    """Stream the text through the model; keep the top-CI token positions of every component; write the pages."""
+    if not cfg.run or not cfg.text:
+        raise InnardsError("--run DIR and --text SRC are required")
+    b = _load_lm_run(cfg.run, cfg.model, cfg.device)
+    found = top_contexts(b, text_windows(b, cfg.text, cfg.max_tokens, cfg.seq_len), top=cfg.top, window=cfg.window,
+                         threshold=cfg.threshold, batch_size=cfg.batch_size)
+    result: dict[str, Any] = {"run": cfg.run, "text": cfg.text, **found}
+    n_pos = result["tokens"]
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / "contexts"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "contexts.json", result)
@@ -241,7 +258,7 @@ class AblateConfig:
     model: str | None = None
     """load the target from here instead (must be the same model)"""
     device: str | None = None
-    """torch device (default: the run's)"""
+    """torch device (None: the run's)"""
 
     def __post_init__(self) -> None:
         at_least(self, 1, "top")
@@ -297,7 +314,7 @@ class GraphConfig:
     prompt: str = ""
     """text whose components are graphed"""
     out: str | None = None
-    """output folder (default RUN/graph)"""
+    """output folder (None: RUN/graph)"""
     threshold: float = 0.1
     """nodes: subcomponents with causal importance above this"""
     max_nodes: int = 150
@@ -307,7 +324,7 @@ class GraphConfig:
     model: str | None = None
     """load the target from here instead (must be the same model)"""
     device: str | None = None
-    """torch device (default: the run's)"""
+    """torch device (None: the run's)"""
 
     def __post_init__(self) -> None:
         at_least(self, 1, "max_nodes", "max_edges")

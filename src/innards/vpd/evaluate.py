@@ -34,7 +34,7 @@ class EvalConfig:
     run: str = ""
     """run folder of innards vpd train"""
     out: str | None = None
-    """JSON path (default RUN/eval.json)"""
+    """JSON path (None: RUN/eval.json)"""
     batches: int = 0
     """evaluation batches (0: the run's eval_batches)"""
     batch_size: int = 0
@@ -50,7 +50,7 @@ class EvalConfig:
     model: str | None = None
     """load the target from here instead (must be the same model)"""
     device: str | None = None
-    """torch device (default: the run's)"""
+    """torch device (None: the run's)"""
     png: bool = True
     """also write the CI spectrum PNG"""
 
@@ -265,7 +265,7 @@ class CurveConfig:
     run: str = ""
     """run folder of innards vpd train"""
     out: str | None = None
-    """Markdown path (default RUN/curve.md; .json and .png beside it)"""
+    """Markdown path (None: RUN/curve.md; .json and .png beside it)"""
     tail_frac: float = 0.2
     """the last fraction of the steps over which the changes are reported"""
 
