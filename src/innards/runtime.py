@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -41,6 +42,8 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -57,6 +60,14 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
+
+    def from_main(self, obj: T) -> T:
+        """Rank 0's ``obj`` on every rank (a decision rank 0 made that the others must follow)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 def init_dist() -> Dist:

@@ -509,10 +509,7 @@ def harvest(cfg: HarvestConfig, model: PreTrainedModel | None = None) -> Path:
         except InnardsError as e:
             failure = str(e)
     state = run.state if run is not None else None
-    if dist.world > 1:  # every rank learns the state, or the refusal, from rank 0
-        box = [(state, failure)]
-        torch.distributed.broadcast_object_list(box, src=0)
-        state, failure = box[0]
+    state, failure = dist.from_main((state, failure))  # every rank learns the state, or the refusal, from rank 0
     if failure is not None:
         raise InnardsError(failure)
     try:

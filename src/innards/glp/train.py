@@ -369,10 +369,7 @@ class GLPTrainer:
         arch = GLPConfig(d_in=source.width, n_blocks=cfg.depth, d_model=cfg.d_model, d_mlp=cfg.d_mlp, n_sites=len(self.sites))
         self.glp = GLP(arch, {**source.meta(), "stats_by_site": self.stats}).to(device)
         self.precision = resolve_precision(cfg.precision, device, arch.d_model, arch.d_mlp, cfg.batch_size)
-        if dist.world > 1:  # a timing-based choice must be the same on every rank
-            box = [self.precision]
-            torch.distributed.broadcast_object_list(box, src=0)
-            self.precision = box[0]
+        self.precision = dist.from_main(self.precision)  # a timing-based choice must be the same on every rank
         self.optim = dataclasses.replace(cfg.optim, lr=cfg.optim.lr if cfg.optim.lr is not None else auto_lr(self.total))
         self.opt = adamw(self.glp.parameters(), self.optim, device)
         self.ema = EMA(self.glp.parameters(), cfg.ema) if cfg.ema > 0 else None
@@ -553,11 +550,7 @@ def train_glp(cfg: GLPTrainConfig) -> Path:
     run = Run.open(out, "glp", cfg, inputs={"acts": cfg.acts} if cfg.acts else {}, resume=cfg.resume,
                    overwrite=cfg.overwrite or restart, free=RESUME_FREE, main=dist.main)
     try:
-        state = run.state
-        if dist.world > 1:  # rank 0 decided; the others follow
-            box = [state]
-            torch.distributed.broadcast_object_list(box, src=0)
-            state = box[0]
+        state = dist.from_main(run.state)
         if state == "complete":
             if dist.main:
                 run.say_complete()

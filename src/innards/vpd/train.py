@@ -478,11 +478,7 @@ def train(cfg: VPDConfig, stop_at: int | None = None, progress: bool = True, glo
     run = Run.open(out, "vpd", cfg, resume=cfg.resume, overwrite=cfg.overwrite, free=free, main=dist.main,
                    inputs={"text": cfg.text} if cfg.target.kind == "lm" and Path(cfg.text).exists() else {})
     try:
-        state = run.state
-        if dist.world > 1:  # rank 0 decided; the others follow
-            box = [state]
-            torch.distributed.broadcast_object_list(box, src=0)
-            state = box[0]
+        state = dist.from_main(run.state)
         if state == "complete" and not extending:
             if dist.main:
                 run.say_complete()
