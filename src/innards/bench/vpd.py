@@ -21,6 +21,12 @@ import torch
 
 from innards.errors import InnardsError
 from innards.io import write_json
+from innards.models.load import load_model
+from innards.vpd.config import load_config
+from innards.vpd.ground_truth import ground_truth
+from innards.vpd.run import build, load_decomposition_tensors, load_target
+from innards.vpd.shard import launch_ranks, random_llama
+from innards.vpd.train import PhaseTimer, Trainer
 
 # innards config -> the reference's shipped config it reproduces (or, for VPD objectives, is compared with)
 REFERENCE_CONFIGS = {
@@ -254,7 +260,6 @@ class ReferenceRunner:
         """The reference's trained components and CI MLPs loaded into an innards decomposition (for its metrics)."""
         from spd.models.components import MLPCiFn, VectorSharedMLPCiFn
 
-        from innards.vpd.run import build, load_decomposition_tensors
 
         cfg = _no_tie(icfg)
         b = build(cfg, target, info)
@@ -289,8 +294,6 @@ def _phases(timer: Any, steps: int) -> dict[str, dict[str, float]]:
 
 
 def _recovery(b: Any) -> dict[str, Any]:
-    from innards.vpd.ground_truth import ground_truth
-
     gt = ground_truth(b)
     keep = ("mmcs", "ml2r", "min_cosine", "max_norm_ratio_error", "components_that_matter", "ci_error",
             "one_component_features", "passed")
@@ -299,9 +302,6 @@ def _recovery(b: Any) -> dict[str, Any]:
 
 def bench_case(name: str, steps: int, cfg: BenchVPDConfig, ref_ok: bool) -> dict[str, Any]:
     """Time ``steps`` training steps of one shipped config, interleaved with the reference when available."""
-    from innards.vpd.config import load_config
-    from innards.vpd.train import PhaseTimer, Trainer
-
     with tempfile.TemporaryDirectory() as tmp:
         over: dict[str, Any] = {"seed": cfg.seed, "out": tmp, "progress": False, **_overrides(cfg.overrides)}
         if cfg.target_steps:
@@ -357,8 +357,6 @@ def bench_case(name: str, steps: int, cfg: BenchVPDConfig, ref_ok: bool) -> dict
                 "steps_per_s": round(steps / wall["reference"], 3),
                 "cpu_steps_per_s": round(steps / cpu["reference"], 3), "phases": _phases(t_ref, steps)}
             if cfg.recovery:
-                from innards.vpd.run import load_target
-
                 target, info = load_target(icfg, Path(tmp))
                 res["reference"]["recovery"] = _recovery(ref.as_innards(icfg, target, info))
             res["speedup"] = round(wall["reference"] / wall["innards"], 3)
@@ -369,8 +367,6 @@ def bench_case(name: str, steps: int, cfg: BenchVPDConfig, ref_ok: bool) -> dict
 # ------------------------------------------------------------------------------------------- memory
 def bench_memory(cfg: BenchVPDConfig) -> dict[str, Any]:
     """Peak RSS per process of a few demo-lm-config training steps: 1 process vs 2 (replicated, FSDP2, FSDP2+AC)."""
-    from innards.vpd.shard import launch_ranks, random_llama
-
     res: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(tmp) / "text.txt"
@@ -397,7 +393,6 @@ def bench_memory(cfg: BenchVPDConfig) -> dict[str, Any]:
                 peaks = launch_ranks(world, base + ["--out", str(out)] + extra)
                 rows[label] = {"peak_rss_mb_per_process": [p["rss_mb"] for p in peaks],
                                "seconds": round(time.perf_counter() - t0, 1)}
-            from innards.models.load import load_model
 
             m = load_model(name)
             n_params = sum(p.numel() for p in m.parameters())

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from innards.data import text as textmod
 from innards.errors import InnardsError
 from innards.vpd.config import VPDConfig
 from innards.vpd.toys import sample_features
@@ -50,8 +51,6 @@ class TokenPool:
 
 def tokenize_source(spec: str, tokenizer: Any, max_tokens: int, model: Any = None) -> torch.Tensor:
     """Documents of an innards.data.text source, tokenised and joined by EOS, up to max_tokens."""
-    from innards.data import text as textmod
-
     docs = textmod.iter_documents(spec, model=model) if model is not None else textmod.iter_documents(spec)
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
     out: list[int] = []

@@ -13,6 +13,7 @@ from torch import nn
 from innards.config import load_yaml, to_dict
 from innards.errors import InnardsError
 from innards.io import read_json, write_json
+from innards.models.load import load_model
 from innards.tensors import load_tensors, save_tensors
 from innards.train.checkpoint import current_checkpoint
 from innards.vpd.ci import build_ci
@@ -58,8 +59,6 @@ def target_fingerprint(model: nn.Module) -> str:
 
 
 def load_lm(name: str, device: str = "cpu") -> nn.Module:
-    from innards.models.load import load_model
-
     model = load_model(name, dtype="fp32", device=device)
     model.eval()
     return model

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from innards.errors import InnardsError
+from innards.models.load import load_model
 from innards.vpd.components import Decomposition
 from innards.vpd.run import Built, build, load_decomposition_tensors, load_target
 
@@ -204,7 +205,6 @@ def random_llama(folder: Path, hidden: int = 768, layers: int = 4, mlp: int = 30
     """A randomly initialised Llama wider than the demo LM, with the demo LM's tokenizer (memory benchmarks)."""
     import transformers as T
 
-    from innards.models.load import load_model
 
     demo = load_model("demo")
     cfg = T.LlamaConfig(vocab_size=demo.config.vocab_size, hidden_size=hidden, intermediate_size=mlp,
