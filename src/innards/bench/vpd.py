@@ -24,7 +24,7 @@ from innards.io import write_json
 from innards.models.load import load_model
 from innards.vpd.config import load_config
 from innards.vpd.ground_truth import ground_truth
-from innards.vpd.run import build, load_decomposition_tensors, load_target
+from innards.vpd.run import Built, build, load_decomposition_tensors, load_target
 from innards.vpd.shard import launch_ranks, random_llama
 from innards.vpd.train import PhaseTimer, Trainer
 
@@ -293,7 +293,7 @@ def _phases(timer: Any, steps: int) -> dict[str, dict[str, float]]:
             for k in timer.wall}
 
 
-def _recovery(b: Any) -> dict[str, Any]:
+def _recovery(b: Built) -> dict[str, Any]:
     gt = ground_truth(b)
     keep = ("mmcs", "ml2r", "min_cosine", "max_norm_ratio_error", "components_that_matter", "ci_error",
             "one_component_features", "passed")

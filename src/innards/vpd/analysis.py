@@ -20,21 +20,21 @@ from innards.vpd.data import tokenize_source
 from innards.vpd.run import Built, ci_values, load_run
 
 
-def _load_lm_run(run: str, model: str | None, device: str | None) -> Any:
+def _load_lm_run(run: str, model: str | None, device: str | None) -> Built:
     b = load_run(run, model, device)
     if b.cfg.target.kind != "lm":
         raise InnardsError(f"run {run} decomposes a toy ({b.cfg.target.kind}); this command needs a language model run")
     return b
 
 
-def _ci(b: Any, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _ci(b: Built, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     with torch.no_grad():
         clean, inputs = b.decomp.clean(ids)
         g, _ = ci_values(b, inputs)
     return clean, {n: v.detach() for n, v in g.items()}
 
 
-def encode_prompt(b: Any, prompt: str) -> torch.Tensor:
+def encode_prompt(b: Built, prompt: str) -> torch.Tensor:
     """Token ids (1, T) of a prompt with the model's BOS; longer than the context: keep the end, with a warning."""
     tok = b.target.tokenizer
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -50,7 +50,7 @@ def encode_prompt(b: Any, prompt: str) -> torch.Tensor:
     return torch.tensor([ids], device=b.cfg.device)
 
 
-def parse_component(b: Any, spec: str) -> tuple[str, int]:
+def parse_component(b: Built, spec: str) -> tuple[str, int]:
     """'NAME:IDX' (NAME may be any unique suffix of a decomposed module path) -> (name, idx)."""
     if ":" not in spec:
         raise InnardsError(f"component must be NAME:IDX, got '{spec}'")

@@ -22,7 +22,7 @@ from innards.vpd.data import TokenPool, ToyData
 from innards.vpd.ground_truth import ground_truth
 from innards.vpd.losses import divergence
 from innards.vpd.masks import constant_masks, stochastic_masks
-from innards.vpd.run import ci_values, load_run, read_meta
+from innards.vpd.run import Built, ci_values, load_run, read_meta
 
 STRATEGIES = ["unmasked", "stochastic", "ci", "rounded", "random", "zero"]
 
@@ -67,7 +67,7 @@ def _ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
 
 
-def evaluate_built(b: Any, data: Any, n_batches: int, batch_size: int, pgd_steps: int, pgd_step_size: float,
+def evaluate_built(b: Built, data: ToyData | TokenPool, n_batches: int, batch_size: int, pgd_steps: int, pgd_step_size: float,
                    threshold: float, seed: int = 1234, progress: bool = False) -> dict[str, Any]:
     """All metrics for a built decomposition on ``n_batches`` evaluation batches."""
     cfg = b.cfg
@@ -143,7 +143,7 @@ def evaluate_built(b: Any, data: Any, n_batches: int, batch_size: int, pgd_steps
     return res
 
 
-def quick_metrics(b: Any, data: Any, n_batches: int = 2) -> dict[str, Any]:
+def quick_metrics(b: Built, data: ToyData | TokenPool, n_batches: int = 2) -> dict[str, Any]:
     """Scalars for metrics.jsonl during training."""
     cfg = b.cfg
     bs = cfg.eval_batch_size or min(cfg.batch_size, 4096)

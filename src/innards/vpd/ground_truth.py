@@ -9,7 +9,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from innards.vpd.config import TargetConfig
-from innards.vpd.run import ci_values
+from innards.vpd.run import Built, ci_values
 
 
 def feature_match(W: torch.Tensor, V: torch.Tensor, U: torch.Tensor, axis: str = "in",
@@ -98,7 +98,7 @@ def expected_patterns(tcfg: TargetConfig, names: list[str]) -> dict[str, tuple[s
 
 
 @torch.no_grad()
-def ground_truth(b: Any, probe_value: float = 0.75, tol: float = 0.1) -> dict[str, Any]:
+def ground_truth(b: Built, probe_value: float = 0.75, tol: float = 0.1) -> dict[str, Any]:
     """The `ground_truth` object of a toy evaluation."""
     tcfg: TargetConfig = b.cfg.target
     n = tcfg.n_features

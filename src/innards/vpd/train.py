@@ -101,7 +101,7 @@ class Trainer:
         self.kind = cfg.loss_kind
         dev = cfg.device
         if cfg.target.kind == "lm":
-            self.data: Any = TokenPool(cfg, target.tokenizer, model=target, device=dev)
+            self.data: ToyData | TokenPool = TokenPool(cfg, target.tokenizer, model=target, device=dev)
         else:
             self.data = ToyData(cfg, dev)
         self.sharded = bool(cfg.fsdp and world > 1)
