@@ -261,44 +261,35 @@ def to_innards(sd: dict[str, torch.Tensor], n_blocks: int) -> dict[str, torch.Te
         raise InnardsError(f"checkpoint does not match config.yaml's {n_blocks} blocks (missing {missing[:3]}, "
                            f"unexpected {extra[:3]})")
     f = {k: v.to(torch.float32) for k, v in sd.items()}
-    out = {"in_proj.weight": f["model.in_proj.weight"], "in_proj.bias": f["model.in_proj.bias"],
-           "out_norm.weight": f["model.ln.weight"], "out_norm.bias": f["model.ln.bias"],
-           "out_proj.weight": f["model.out_proj.weight"], "out_proj.bias": f["model.out_proj.bias"]}
-    for j in (0, 2):
-        for p in ("weight", "bias"):
-            out[f"time_embed.{j}.{p}"] = f[f"model.time_embed.{j}.{p}"]
-            if f"model.layer_embed.{j}.{p}" in f:
-                out[f"site_embed.{j}.{p}"] = f[f"model.layer_embed.{j}.{p}"]
+    out = {ours: f[theirs] for ours, theirs in _renames(n_blocks) if theirs in f}
     for p in ("weight", "bias"):
         out[f"time_proj.{p}"] = torch.cat([f[f"model.layers.{i}.time_proj.{p}"] for i in range(n_blocks)])
         for i in range(n_blocks):
             b = f"model.layers.{i}"
-            out[f"blocks.{i}.norm.{p}"] = f[f"{b}.ln.{p}"]
             out[f"blocks.{i}.up_gate.{p}"] = torch.cat([f[f"{b}.up_proj.{p}"], f[f"{b}.gate_proj.{p}"]])
-            out[f"blocks.{i}.down.{p}"] = f[f"{b}.down_proj.{p}"]
     return out
+
+
+def _renames(n_blocks: int) -> list[tuple[str, str]]:
+    """(innards name, reference name) of every parameter that is the same tensor in both layouts."""
+    pairs = [("in_proj", "model.in_proj"), ("out_norm", "model.ln"), ("out_proj", "model.out_proj"),
+             ("time_embed.0", "model.time_embed.0"), ("time_embed.2", "model.time_embed.2"),
+             ("site_embed.0", "model.layer_embed.0"), ("site_embed.2", "model.layer_embed.2")]
+    for i in range(n_blocks):
+        pairs += [(f"blocks.{i}.norm", f"model.layers.{i}.ln"), (f"blocks.{i}.down", f"model.layers.{i}.down_proj")]
+    return [(f"{a}.{p}", f"{b}.{p}") for a, b in pairs for p in ("weight", "bias")]
 
 
 def to_reference(sd: dict[str, torch.Tensor], n_blocks: int, d_mlp: int) -> dict[str, torch.Tensor]:
     """innards' GLP state dict as a reference ``Denoiser.state_dict()`` (exact splits)."""
     f = {k: v.detach().to(torch.float32).cpu() for k, v in sd.items()}
-    out = {"model.in_proj.weight": f["in_proj.weight"], "model.in_proj.bias": f["in_proj.bias"],
-           "model.ln.weight": f["out_norm.weight"], "model.ln.bias": f["out_norm.bias"],
-           "model.out_proj.weight": f["out_proj.weight"], "model.out_proj.bias": f["out_proj.bias"]}
-    for j in (0, 2):
-        for p in ("weight", "bias"):
-            out[f"model.time_embed.{j}.{p}"] = f[f"time_embed.{j}.{p}"]
-            if f"site_embed.{j}.{p}" in f:
-                out[f"model.layer_embed.{j}.{p}"] = f[f"site_embed.{j}.{p}"]
+    out = {theirs: f[ours] for ours, theirs in _renames(n_blocks) if ours in f}
     for p in ("weight", "bias"):
         tp = f[f"time_proj.{p}"].split(d_mlp)
         for i in range(n_blocks):
             b = f"model.layers.{i}"
-            up, gate = f[f"blocks.{i}.up_gate.{p}"].split(d_mlp)
-            out[f"{b}.ln.{p}"] = f[f"blocks.{i}.norm.{p}"]
-            out[f"{b}.up_proj.{p}"], out[f"{b}.gate_proj.{p}"] = up, gate
+            out[f"{b}.up_proj.{p}"], out[f"{b}.gate_proj.{p}"] = f[f"blocks.{i}.up_gate.{p}"].split(d_mlp)
             out[f"{b}.time_proj.{p}"] = tp[i]
-            out[f"{b}.down_proj.{p}"] = f[f"blocks.{i}.down.{p}"]
     return {k: v.contiguous() for k, v in out.items()}
 
 

@@ -122,23 +122,17 @@ def load_shards(tr: Trainer, d: Path, meta: dict[str, Any], tensors: dict[str, t
         with torch.no_grad():
             for i, p in enumerate(params):
                 _local(p).copy_(tensors[f"p.{i}"])
-        state: dict[str, Any] = {"state": {}, "param_groups": []}
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
         for i, p in enumerate(params):
             st = {}
             for k, v in tensors.items():
                 if k.startswith(f"opt.{i}."):
-                    name = k.split(".", 2)[2]
                     if isinstance(p, DTensor) and v.shape == _local(p).shape:
                         # uneven shards: the global shape cannot be inferred from the local one
                         v = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-                    st[name] = v
-            if st:
-                state["state"][i] = st
-        idx = 0
-        for gr, saved in zip(tr.opt.param_groups, meta["param_groups"]):
-            state["param_groups"].append({**saved, "params": list(range(idx, idx + len(gr["params"])))})
-            idx += len(gr["params"])
-        tr.opt.load_state_dict(state)
+                    st[k.split(".", 2)[2]] = v
+            per_param[i] = st
+        tr.load_optimizer(per_param, meta["param_groups"])
         tr.load_rank_state({k[5:]: v for k, v in tensors.items() if k.startswith("rank.")})
     except (KeyError, ValueError, RuntimeError) as e:
         raise InnardsError(f"checkpoint shard in {d} does not load ({type(e).__name__})") from None

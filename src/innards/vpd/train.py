@@ -413,19 +413,21 @@ class Trainer:
             load_decomposition_tensors(self.b, main, str(d))
             own, tensors = tensors, main
         try:
-            state: dict[str, Any] = {"state": {}, "param_groups": []}
-            for i in range(len(self.uv) + len(self.ci_params)):
-                st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
-                if st:
-                    state["state"][i] = st
-            idx = 0
-            for gr, saved in zip(self.opt.param_groups, meta["param_groups"]):
-                state["param_groups"].append({**saved, "params": list(range(idx, idx + len(gr["params"])))})
-                idx += len(gr["params"])
-            self.opt.load_state_dict(state)
+            per_param = {i: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+                         for i in range(len(self.uv) + len(self.ci_params))}
+            self.load_optimizer(per_param, meta["param_groups"])
             self.load_rank_state(own)
         except (KeyError, ValueError, RuntimeError) as e:
             raise InnardsError(f"checkpoint in {d} does not load ({type(e).__name__})") from None
+
+    def load_optimizer(self, per_param: dict[int, dict[str, torch.Tensor]], groups: list[dict[str, Any]]) -> None:
+        """AdamW state from each parameter's saved tensors and the saved param-group settings."""
+        state: dict[str, Any] = {"state": {i: st for i, st in per_param.items() if st}, "param_groups": []}
+        idx = 0
+        for gr, saved in zip(self.opt.param_groups, groups):
+            state["param_groups"].append({**saved, "params": list(range(idx, idx + len(gr["params"])))})
+            idx += len(gr["params"])
+        self.opt.load_state_dict(state)
 
     def load_rank_state(self, rank_state: dict[str, torch.Tensor]) -> None:
         self.gen.set_state(rank_state["gen"])
