@@ -55,7 +55,7 @@ from innards.data.store import ActivationStore
 from innards.errors import InnardsError
 from innards.glp import schedule as sch
 from innards.glp.c2st import c2st_auc
-from innards.glp.delta_lm import delta_lm_loss, sequences_from_rows
+from innards.glp.delta_lm import delta_lm_loss, pad_batch, sequences_from_rows
 from innards.glp.fd import frechet_distance
 from innards.glp.model import GLP
 from innards.glp.train import GLPOptimConfig, GLPTrainConfig, train_glp
@@ -394,13 +394,7 @@ def delta_hidden(model: PreTrainedModel, site: str, seqs: list[np.ndarray], repl
     num = {k: 0.0 for k in replacements}
     den = 0.0
     for i in range(0, len(seqs), batch_size):
-        batch = seqs[i:i + batch_size]
-        T = max(len(q) for q in batch)
-        ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), T), dtype=torch.long)
-        for j, q in enumerate(batch):
-            ids[j, :len(q)] = torch.as_tensor(q)
-            mask[j, :len(q)] = 1
+        ids, mask = pad_batch(seqs[i:i + batch_size], pad_id)
         ids, mask = ids.to(device), mask.to(device)
         sel = mask.bool() & ~torch.isin(ids, torch.tensor(sorted(skip), dtype=torch.long, device=device))
         h = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()[mask.bool()]

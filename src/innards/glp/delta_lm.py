@@ -64,7 +64,8 @@ def sequences_from_rows(doc_ids: np.ndarray, positions: np.ndarray, token_ids: n
     return out
 
 
-def _pad(batch: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(batch: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (ids, attention mask) of token sequences of different lengths."""
     T = max(len(s) for s in batch)
     ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), T), dtype=torch.long)
@@ -102,7 +103,7 @@ def delta_lm_loss(model: PreTrainedModel, site: str, sequences: Sequence[np.ndar
     counts: list[int] = []
     batches = [sequences[i:i + batch_size] for i in range(0, len(sequences), batch_size)]
     for batch in tqdm(batches, desc="delta-lm", unit="batch", disable=not progress):
-        ids, mask = _pad(batch, pad_id)
+        ids, mask = pad_batch(batch, pad_id)
         ids, mask = ids.to(device), mask.to(device)
         edit_mask = mask.bool().clone()
         if bos_id is not None:
