@@ -2,8 +2,8 @@
 
 Every variant generates the same number of new tokens (EOS ignored) from the same left-padded story
 openings with the KV cache on, at each batch size: ``plain`` (no hook), ``raw`` (the steering offset
-added, no GLP), and the SDEdit projection at each NFE (exact schedule from ``t_start``, ``NFE + 1``
-grid points), eager and, with ``--compile``, with the denoiser step compiled. Variants are timed
+added, no GLP), and the SDEdit projection at each NFE (exact schedule from ``t_start``, ``--solver``
+spending exactly NFE evaluations), eager and, with ``--compile``, with the denoiser step compiled. Variants are timed
 side by side: each round runs every variant once, in an order rotated per round, and the median over
 rounds is reported, so load on a shared machine hits all variants alike. Steered positions follow
 the reference code (``last``: the last prompt token, then every generated token), all of one forward
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from innards.config import at_least, require, within
+from innards.glp import schedule as sch
 from innards.glp.model import GLP, GLPConfig
 from innards.glp.projection import ProjectionConfig
 from innards.models.config import MODEL_ALIASES, ModelConfig
@@ -53,7 +54,9 @@ class BenchSteerConfig:
     depth: int = 3
     """depth of the random GLP"""
     nfe: list[int] = field(default_factory=lambda: [4, 8, 10, 20])
-    """network evaluations of the projection (exact schedule, NFE + 1 grid points)"""
+    """network evaluations of the projection (exact schedule)"""
+    solver: str = "pc2"
+    """ODE solver of the projection (pc2: the one `innards bench glp` finds closest to 1000 steps at 4 evaluations)"""
     batch_sizes: list[int] = field(default_factory=lambda: [1, 16])
     """prompts generated together"""
     new_tokens: int = 64
@@ -78,6 +81,7 @@ class BenchSteerConfig:
         require(bool(self.nfe) and all(n >= 1 for n in self.nfe), "--nfe must be positive integers")
         require(bool(self.batch_sizes) and all(b >= 1 for b in self.batch_sizes), "--batch-sizes must be positive integers")
         within(self, "t_start", 0.0, 1.0, open_lo=True)
+        require(self.solver in sch.SOLVERS, f"--solver must be one of {', '.join(sch.SOLVERS)}, got '{self.solver}'")
 
 
 def _sync(device: torch.device) -> None:
@@ -133,7 +137,7 @@ def _bench(cfg: BenchSteerConfig) -> dict:
                   pad_token_id=pad_id(model.tokenizer), eos_token_id=None, use_cache=True)
         steerings = {name: (None if name == "plain" else
                             Steering(s.name, v, alpha, "last", glp if nfe else None,
-                                     ProjectionConfig(t_start=cfg.t_start, steps=nfe + 1, schedule="exact"),
+                                     _projection(cfg, nfe),
                                      seed=cfg.seed, compile=comp)) for name, nfe, comp in variants}
 
         def once(name: str) -> float:
@@ -168,9 +172,15 @@ def _bench(cfg: BenchSteerConfig) -> dict:
     return {"device": str(device), "threads": torch.get_num_threads(), "model": cfg.model.name, "site": s.name,
             "glp": cfg.glp or f"random GLP d_in={s.width} depth {cfg.depth} (speed only)",
             "glp_params": glp.n_params, "new_tokens": cfg.new_tokens, "rounds": cfg.rounds, "t_start": cfg.t_start,
-            "positions": "last", "generation": rows, "projection_ms": proj, "compile_seconds": compile_s,
+            "solver": cfg.solver, "positions": "last", "generation": rows, "projection_ms": proj, "compile_seconds": compile_s,
             "goal": "ratio_vs_raw >= 0.5 at the NFE that meets issue 15 section 1's quality",
             "versions": provenance()}
+
+
+def _projection(cfg: BenchSteerConfig, nfe: int) -> ProjectionConfig:
+    """The exact-schedule projection from ``cfg.t_start`` that spends ``nfe`` evaluations with ``cfg.solver``."""
+    return ProjectionConfig(t_start=cfg.t_start, steps=sch.steps_for_nfe(nfe, cfg.solver) + 1, schedule="exact",
+                            solver=cfg.solver)
 
 
 def _projection_ms(cfg: BenchSteerConfig, glp: GLP, site: str, device: torch.device) -> list[dict]:
@@ -179,7 +189,7 @@ def _projection_ms(cfg: BenchSteerConfig, glp: GLP, site: str, device: torch.dev
     for b in cfg.batch_sizes:
         x = glp.denormalize(torch.randn(b, glp.config.d_in, device=device))
         for n in cfg.nfe:
-            pc = ProjectionConfig(t_start=cfg.t_start, steps=n + 1, schedule="exact")
+            pc = _projection(cfg, n)
             fns = {"glp.project": lambda: glp.project(x, seed=1, site=site, **pc.kwargs())}
             fast = FastGLP(glp, site)
             fns["fast"] = lambda fast=fast: fast.project(x, pc, seed=1)
