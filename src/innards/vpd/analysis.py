@@ -435,11 +435,13 @@ def _graph_png(res: dict[str, Any], names: list[str], path: Path) -> None:
     for nd in res["nodes"]:
         x, y = pos[nd["id"]]
         ax.scatter([x], [y], s=12 + 30 * nd.get("ci", 0.5), color="k", zorder=3)
+        if isinstance(nd.get("component"), int):  # the subcomponent's index in its matrix (the row names the matrix)
+            ax.annotate(str(nd["component"]), (x, y), textcoords="offset points", xytext=(2, 2), fontsize=5, zorder=4)
     ax.set_yticks(list(rows.values()))
     ax.set_yticklabels([n.replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "") for n in rows], fontsize=6)
     ax.set_xticks(range(T))
     ax.set_xticklabels([repr(t)[1:-1] for t in res["tokens"]], rotation=60, fontsize=7)
-    ax.set_title(f"attribution graph -> {res['output_token']!r} (blue +, red -)")
+    ax.set_title(f"attribution graph -> {res['output_token']!r} (blue +, red -; numbers: subcomponent index)")
     fig.tight_layout()
     tmp = path.with_name("." + path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
