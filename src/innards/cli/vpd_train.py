@@ -10,9 +10,7 @@ from innards.vpd.train import train
 
 
 def _train(cfg: VPDConfig) -> Path:
-    out = train(cfg, stop_at=cfg.stop_after, global_draws=cfg.global_draws)
-    print(f"run folder: {out}")
-    return out
+    return train(cfg, stop_at=cfg.stop_after, global_draws=cfg.global_draws)
 
 
 def main(argv: list[str] | None = None) -> int:
