@@ -232,3 +232,13 @@ def test_kill9_anywhere_then_resume_equals_uninterrupted(tmp_path):
     steps = [[json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, out)]
     assert steps[1] == steps[0]  # each logged step once, as in the uninterrupted run
     assert [d.name for d in (out / "ckpt").iterdir() if d.name.startswith(".")] == []  # nothing half-written is left
+
+
+def test_config_ranges_checked_when_built():
+    """Zero or negative sizes are one-line errors before any work; 0 where it means "off" is accepted."""
+    for bad, msg in (({"C": -5}, "--C must be at least 1"), ({"batch_size": 0}, "--batch-size must be at least 1"),
+                     ({"steps": 0}, "--steps must be at least 1"), ({"lr": 0.0}, "--lr must be positive")):
+        with pytest.raises(InnardsError, match=msg):
+            _cfg("tms-5-2", Path("unused"), **bad)
+    cfg = _cfg("tms-5-2", Path("unused"), checkpoint_every=0, eval_every=0, warmup_steps=0)
+    assert cfg.checkpoint_every == 0

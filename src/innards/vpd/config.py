@@ -221,7 +221,7 @@ class VPDConfig:
     log_every: int = 50
     """metrics.jsonl every N steps"""
     checkpoint_every: int = 1000
-    """checkpoint every N steps"""
+    """checkpoint every N steps (0: only at the end)"""
     out: str = "runs/vpd"
     """run folder"""
     resume: bool = False
@@ -239,8 +239,8 @@ class VPDConfig:
 
     def __post_init__(self) -> None:
         at_least(self, 1, "C", "steps", "batch_size", "seq_len", "max_tokens", "eval_batches", "log_every",
-                 "checkpoint_every", "stop_after")
-        at_least(self, 0, "warmup_steps", "eval_every", "eval_batch_size", "stoch_coeff", "adv_coeff",
+                 "stop_after")
+        at_least(self, 0, "warmup_steps", "eval_every", "checkpoint_every", "eval_batch_size", "stoch_coeff", "adv_coeff",
                  "layerwise_coeff", "imp_coeff", "freq_coeff", "delta_coeff", "weight_decay", "warmup_wd", "clip_uv")
         positive(self, "lr", "warmup_lr", "p_end", "eps")
         within(self, "adv_start_frac", 0.0, 1.0)
