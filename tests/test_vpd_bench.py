@@ -52,3 +52,13 @@ def test_peak_rss_of_directly_launched_ranks(tmp_path):
             "adversary.eval_steps=1"]
     peaks = launch_ranks(1, args)
     assert len(peaks) == 1 and peaks[0]["rss_mb"] > 50 and peaks[0]["cuda_mb"] == 0
+
+
+def test_memory_benchmark_on_the_demo_lm():
+    """1 vs 2 processes (replicated, FSDP2, FSDP2 + checkpointing): peak RSS per process and the run's size."""
+    from innards.bench.vpd import BenchVPDConfig, bench_memory
+
+    res = bench_memory(BenchVPDConfig(memory=True, memory_steps=1, memory_models=["demo"]))["demo"]
+    assert res["subcomponents"] > 0 and res["uv_params"] > 0 and res["target_params"] > 0
+    assert all(p > 50 for run in res["runs"].values() for p in run["peak_rss_mb_per_process"])
+    assert {len(run["peak_rss_mb_per_process"]) for run in res["runs"].values()} == {1, 2}

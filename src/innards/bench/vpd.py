@@ -24,7 +24,7 @@ from innards.io import write_json
 from innards.models.load import load_model
 from innards.vpd.config import load_config
 from innards.vpd.ground_truth import ground_truth
-from innards.vpd.run import Built, build, load_decomposition_tensors, load_target
+from innards.vpd.run import Built, build, load_decomposition_tensors, load_target, read_meta
 from innards.vpd.shard import launch_ranks, random_llama
 from innards.vpd.train import PhaseTimer, Trainer
 
@@ -396,7 +396,7 @@ def bench_memory(cfg: BenchVPDConfig) -> dict[str, Any]:
 
             m = load_model(name)
             n_params = sum(p.numel() for p in m.parameters())
-            meta = json.loads((Path(tmp) / f"run-{model}-0" / "run.json").read_text())
+            meta = read_meta(Path(tmp) / f"run-{model}-0")
             n_sub = sum(c["C"] for c in meta["components"])
             uv = sum(c["C"] * (c["d_in"] + c["d_out"]) for c in meta["components"])
             res[model] = {"target": name if model == "demo" else "random Llama d768 x 4 layers, MLP 3072, vocab 4096",
