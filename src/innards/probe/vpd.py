@@ -26,11 +26,10 @@ from safetensors import safe_open
 
 from innards.errors import InnardsError
 from innards.io import sha256_file
-from innards.tensors import load_tensors, save_tensors
 from innards.models.sites import Site
 from innards.probe.extract import context_length, model_tag, prompts_digest, token_policy, tokenize
-from innards.vpd.run import DECOMP_FILE, load_run, target_fingerprint
-from innards.vpd.run import ci_values
+from innards.tensors import load_tensors, save_tensors
+from innards.vpd.run import DECOMP_FILE, ci_values, load_run, target_fingerprint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
