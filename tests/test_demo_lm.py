@@ -195,7 +195,7 @@ def test_bad_input_is_one_line(corpus, tmp_path, capsys):
     with pytest.raises(InnardsError, match="budget"):
         train_demo_lm(dataclasses.replace(_cfg(corpus, tmp_path / "x"), train=DemoTrainConfig()))
     bad = [(["--data", str(tmp_path / "missing.txt"), "--steps", "1"], "not found"),
-           (["--resume", "--steps", "1"], "nothing to resume"),
+           (["--data", str(corpus), "--resume", "--steps", "1"], "nothing to resume"),
            (["--context", "0", "--steps", "1"], "--model.context must be at least 2, got 0"),
            (["--batch-size", "0", "--steps", "1"], "--train.batch-size must be at least 1, got 0"),
            (["--steps", "-1"], "--train.steps must be at least 1, got -1"),
