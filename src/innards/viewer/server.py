@@ -277,6 +277,8 @@ class ViewerServer:
         except OSError as e:
             raise InnardsError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
         self.httpd.daemon_threads = True
+        # closing must not wait for handler threads (a slow page, a playground generation): Ctrl-C stops at once
+        self.httpd.block_on_close = False
         self.port = self.httpd.server_address[1]
         shown = "localhost" if host in ("127.0.0.1", "::1", "localhost") else host
         if host in ("127.0.0.1", "::1", "localhost"):
