@@ -188,7 +188,8 @@ def test_view_command_starts_fast_and_stops_on_ctrl_c(viewer_runs, tmp_path):
         assert get(port, "/api/index")[0] == 200
         assert started < 60  # a smoke bound on a shared machine; the real figure (well under 2 s idle) is in `innards bench view`
         p.send_signal(signal.SIGINT)
-        assert p.wait(timeout=30) == 0, (tmp_path / "stderr.txt").read_text()[-2000:]
+        # generous: under a loaded full suite the warm-up (torch import, big-file scans) holds the GIL for long stretches
+        assert p.wait(timeout=120) == 0, (tmp_path / "stderr.txt").read_text()[-2000:]
         assert "stopped" in (tmp_path / "stderr.txt").read_text()
     finally:
         if p.poll() is None:
