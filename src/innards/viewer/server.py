@@ -12,6 +12,7 @@ in a background thread, and requests wait for them (so ``innards view`` prints i
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 import time
@@ -300,6 +301,9 @@ class ViewerServer:
 
 def view(cfg: ViewConfig) -> int:
     """Discover the runs, print the URL, serve until Ctrl-C."""
+    if threading.current_thread() is threading.main_thread():
+        # a process started in the background of a script inherits SIGINT ignored; Ctrl-C must still stop it
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     srv = ViewerServer([Path(d) for d in cfg.dirs], cfg.host, cfg.port, cfg.model)
     runs = srv.viewer.runs
     damaged = sum(r.status == "damaged" for r in runs)
