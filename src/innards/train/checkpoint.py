@@ -78,11 +78,11 @@ def current_checkpoint(folder: str | Path) -> Path | None:
     """The folder of the committed checkpoint (None: there is none)."""
     root = Path(folder)
     if (root / LATEST).is_file():
-        latest = read_json(root / LATEST, what="checkpoint pointer")
-        d = root / str(latest.get("name", ""))
-        if not (d / STATE).is_file():
-            raise InnardsError(f"checkpoint {d} named by {root / LATEST} is missing; the run cannot be resumed")
-        return d
+        for _ in range(3):  # a run still writing may commit a newer one and prune this one between the two reads
+            d = root / str(read_json(root / LATEST, what="checkpoint pointer").get("name", ""))
+            if (d / STATE).is_file():
+                return d
+        raise InnardsError(f"checkpoint {d} named by {root / LATEST} is missing; the run cannot be resumed")
     return root if (root / STATE).is_file() else None  # innards 0.1: one folder, swapped in by two renames
 
 
