@@ -243,6 +243,13 @@ class Run:
         """Atomically save a matplotlib figure as PNG and close it."""
         return save_png(self.root / name, fig, dpi)
 
+    def reopen(self, config: object) -> None:
+        """Run a complete output again with ``config`` (settings that only extend it): save it, mark it running."""
+        save_config(config, self.root, self.record.get("config") or CONFIG_FILE)
+        self.record.update(status="running", updated=_now())
+        self._write_record()
+        self.state = "resume"
+
     def complete(self, headline: Mapping[str, object] | None = None, outputs: Iterable[str] = ()) -> None:
         """Mark the run finished, with its headline numbers and main output files."""
         self.record.update(status="complete", updated=_now(), headline=dict(headline or {}),

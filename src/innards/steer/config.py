@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from innards.config import at_least, load_yaml, positive, require, save_config, to_dict, within
+from innards.config import at_least, load_yaml, positive, require, to_dict, within
 from innards.errors import InnardsError
 from innards.glp.model import GLP
 from innards.glp.projection import ProjectionConfig
@@ -91,8 +91,7 @@ def reopen_if_extended(run: Run, cfg: object) -> bool:
     it was opened with): its config is updated and it is reopened to compute what is new."""
     if run.state != "complete" or load_yaml(run.root / CONFIG_FILE) == to_dict(cfg):
         return False
-    save_config(cfg, run.root)
-    run.state = "resume"
+    run.reopen(cfg)
     return True
 
 

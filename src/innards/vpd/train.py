@@ -485,9 +485,8 @@ def train(cfg: VPDConfig, stop_at: int | None = None, progress: bool = True, glo
             if dist.main:
                 run.say_complete()
             return out
-        if dist.main and state == "complete":  # extended: running again
-            run.record["status"] = "running"
-            run._write_record()
+        if dist.main and state == "complete":  # extended: its config now holds the new step count
+            run.reopen(cfg)
         _train(cfg, out, dist, run, progress, stop_at, global_draws, resumed=state != "new")
     finally:
         run.close()
